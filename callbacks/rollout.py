@@ -1,0 +1,70 @@
+"""Drives generation: before each GRPO step, sample n responses per prompt and score them; after the
+step's updates, push the new weights to the engine so the next rollout uses the current policy.
+
+Sampling is seeded by (seed, step), so a step draws the same samples whether or not the run was
+resumed in between.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+from transformers import PreTrainedTokenizerBase
+
+from rlvr.engine import RolloutEngine, SamplingParams
+from rlvr.module import pack_rollout
+from rlvr.rewards import RewardScorer
+
+
+class RolloutCallback(L.Callback):
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        scorer: RewardScorer,
+        tokenizer: PreTrainedTokenizerBase,
+        sampling: SamplingParams,
+        seed: int = 0,
+    ) -> None:
+        self.engine = engine
+        self.scorer = scorer
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.seed = seed
+        self.samples_generated = 0
+        self.tokens_generated = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        prompts: list[list[int]] = batch["prompt_ids"]
+        n = self.sampling.n
+        began = time.perf_counter()
+        completions = self.engine.generate(prompts, self.sampling, seed=self.seed * 1_000_003 + batch["step"])
+        generated = time.perf_counter()
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        truths = [answer for answer in batch["answer"] for _ in range(n)]
+        rewards = self.scorer(texts, truths)
+        scored = time.perf_counter()
+        eos = self.tokenizer.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        batch["rollout"] = pack_rollout(prompts, completions, n, self.tokenizer.pad_token_id, eos_ids, rewards, texts)
+        self.samples_generated += len(completions)
+        self.tokens_generated += sum(len(c) for c in completions)
+        log = dict(on_step=True, on_epoch=False, batch_size=len(completions))
+        pl_module.log("time/generate_s", generated - began, **log)
+        pl_module.log("time/reward_s", scored - generated, **log)
+        pl_module.log("rollout/tokens_per_s", sum(len(c) for c in completions) / max(generated - began, 1e-9), **log)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
+        self.engine.load_weights(pl_module.policy.named_parameters())
+        batch.pop("rollout", None)  # free the step's tensors before the next rollout
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.scorer.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "samples_generated": self.samples_generated, "tokens_generated": self.tokens_generated}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.samples_generated = state["samples_generated"]
+        self.tokens_generated = state["tokens_generated"]

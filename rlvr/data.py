@@ -1,0 +1,269 @@
+"""Prompts and ground truths: GSM8K, verl-schema parquet (One-Shot-RLVR), and synthetic arithmetic.
+
+Every source yields `Example(question, answer)`. Prompts go through the tokenizer's chat template
+with a system prompt and the format instruction, which is added to every prompt, training and
+evaluation alike, even when the question already asks for `\\boxed{}`.
+
+Data order is a pure function of (seed, step): step s takes batch s mod k of the permutation
+seeded by (seed, epoch), k = batches per epoch. The data module keeps the next step to read in its
+checkpoint state, so a resumed run continues with the very next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import PreTrainedTokenizerBase
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step by step."
+DEFAULT_INSTRUCTION = (
+    "Think step by step inside <think>...</think>. Then give the final answer in \\boxed{}. "
+    "Finally, inside <reflection>...</reflection>, say whether you are confident that your answer is "
+    "correct or that it may be wrong."
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    answer: str
+
+
+class DataError(ValueError):
+    """A malformed data file, named with its row and the field that is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+
+def _require(row: Any, field: str, where: str) -> str:
+    value = row.get(field) if isinstance(row, dict) else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}: missing or empty field {field!r}")
+    return str(value)
+
+
+def read_jsonl(path: str | Path, question_field: str, answer_field: str) -> list[Example]:
+    """One JSON object per line; rows are numbered from 1 in errors."""
+    path = Path(path)
+    examples = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path} row {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            examples.append(Example(_require(row, question_field, where), _require(row, answer_field, where)))
+    if not examples:
+        raise DataError(f"{path}: no rows")
+    return examples
+
+
+def gsm8k(source: str = "openai/gsm8k", split: str = "train") -> list[Example]:
+    """GSM8K from a local jsonl (`question`, `answer` ending in `#### N`) or a hub id."""
+    if Path(source).exists():
+        return read_jsonl(source, "question", "answer")
+    from datasets import load_dataset
+
+    rows = load_dataset(source, "main", split=split)
+    return [Example(_require(r, "question", f"{source}[{split}] row {i}"), _require(r, "answer", f"{source}[{split}] row {i}"))
+            for i, r in enumerate(rows, start=1)]
+
+
+def one_shot(source: str) -> list[Example]:
+    """verl-schema parquet: `prompt` (chat turns; the last user turn is the question) and
+    `reward_model.ground_truth`."""
+    import pyarrow.parquet as pq
+
+    path = Path(source)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    missing = {"prompt", "reward_model"} - set(table.column_names)
+    if missing:
+        raise DataError(f"{path}: missing column(s) {sorted(missing)}; verl schema needs 'prompt' and "
+                        f"'reward_model.ground_truth', found {table.column_names}")
+    examples = []
+    for number, row in enumerate(table.select(["prompt", "reward_model"]).to_pylist(), start=1):
+        where = f"{path} row {number}"
+        turns = [t for t in row["prompt"] or [] if isinstance(t, dict) and t.get("role") == "user"]
+        if not turns:
+            raise DataError(f"{where}: field 'prompt' has no user turn")
+        examples.append(Example(_require(turns[-1], "content", where + " prompt"),
+                                _require(row["reward_model"] or {}, "ground_truth", where + " reward_model")))
+    if not examples:
+        raise DataError(f"{path}: no rows")
+    return examples
+
+
+def arithmetic(size: int = 4096, seed: int = 0, max_operand: int = 20) -> list[Example]:
+    """Seeded small arithmetic word problems ("Tom has 7 apples and gets 5 more ..."), built in code."""
+    rng = random.Random(seed)
+    names = ["Tom", "Ana", "Li", "Sara", "Omar", "Mia", "Ken", "Zoe"]
+    things = ["apples", "coins", "books", "marbles", "stickers", "pencils"]
+    examples = []
+    for _ in range(size):
+        name, thing = rng.choice(names), rng.choice(things)
+        a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
+        kind = rng.choice(["add", "sub", "mul"])
+        if kind == "add":
+            question, answer = f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have?", a + b
+        elif kind == "sub":
+            a, b = max(a, b), min(a, b)
+            question, answer = f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?", a - b
+        else:
+            question, answer = f"{name} buys {a} bags with {b} {thing} each. How many {thing} is that?", a * b
+        examples.append(Example(question, str(answer)))
+    return examples
+
+
+SOURCES = {"gsm8k": gsm8k, "one_shot": one_shot, "arithmetic": arithmetic}
+
+
+def load_examples(kind: str, limit: int | None = None, **options: Any) -> list[Example]:
+    """`data.kind` picks the source; the other `data.*` keys are its arguments."""
+    if kind not in SOURCES:
+        raise ValueError(f"data.kind={kind!r}; choose one of {sorted(SOURCES)}")
+    examples = SOURCES[kind](**options)
+    return examples[:limit] if limit else examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+
+def build_prompt(
+    question: str,
+    tokenizer: PreTrainedTokenizerBase,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    instruction: str = DEFAULT_INSTRUCTION,
+) -> str:
+    """The chat-templated prompt text, ending where the assistant's response begins."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": f"{question.strip()}\n\n{instruction}".strip()})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+class StepSampler(Sampler[list[int]]):
+    """Yields (step, indices) batches from `start` on, endlessly, in a seed-determined order."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, start: int = 0) -> None:
+        if batch_size > num_rows:
+            raise ValueError(f"batch_size {batch_size} is larger than the data set ({num_rows} rows)")
+        self.num_rows, self.batch_size, self.seed, self.start = num_rows, batch_size, seed, start
+        self.batches_per_epoch = num_rows // batch_size  # the remainder is dropped each epoch
+
+    def batch(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.batches_per_epoch)
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return order[k * self.batch_size : (k + 1) * self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            yield [(step, i) for i in self.batch(step)]  # type: ignore[misc]
+            step += 1
+
+
+class PromptDataset(Dataset):
+    def __init__(self, examples: list[Example], prompt_ids: list[list[int]]) -> None:
+        self.examples, self.prompt_ids = examples, prompt_ids
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        step, index = item
+        return {"step": step, "prompt_ids": self.prompt_ids[index], "answer": self.examples[index].answer}
+
+
+def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "step": rows[0]["step"],
+        "prompt_ids": [r["prompt_ids"] for r in rows],
+        "answer": [r["answer"] for r in rows],
+    }
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Tokenized prompts in step order; its state (the next step) travels in the checkpoint."""
+
+    def __init__(
+        self,
+        examples: list[Example],
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        seed: int = 0,
+        max_prompt_tokens: int = 1024,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        instruction: str = DEFAULT_INSTRUCTION,
+    ) -> None:
+        super().__init__()
+        self.examples = examples
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.seed = seed
+        self.max_prompt_tokens = max_prompt_tokens
+        self.system_prompt = system_prompt
+        self.instruction = instruction
+        self.next_step = 0
+        self.dataset: PromptDataset | None = None
+        self.dropped = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        texts = [build_prompt(e.question, self.tokenizer, self.system_prompt, self.instruction) for e in self.examples]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        keep = [i for i, p in enumerate(ids) if len(p) <= self.max_prompt_tokens]
+        self.dropped = len(ids) - len(keep)
+        if not keep:
+            raise ValueError(f"every prompt is longer than data.max_prompt_tokens={self.max_prompt_tokens}")
+        self.dataset = PromptDataset([self.examples[i] for i in keep], [ids[i] for i in keep])
+
+    @property
+    def batches_per_epoch(self) -> int:
+        assert self.dataset is not None, "call setup() first"
+        return len(self.dataset) // self.batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.dataset is not None, "call setup() first"
+        sampler = StepSampler(len(self.dataset), self.batch_size, self.seed, start=self.next_step)
+        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        # Called when a batch is taken for a step (after any prefetching), so this is the true position.
+        self.next_step = batch["step"] + 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_step": self.next_step, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_step = state["next_step"]

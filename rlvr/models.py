@@ -1,0 +1,106 @@
+"""Policy models and tokenizers: a Hugging Face id or local folder, or `tiny`, built in code.
+
+`tiny` is a random-init Qwen2-architecture model with a byte-level tokenizer and a ChatML chat
+template, so the default CPU run and the tests need no files and no network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass
+class ModelSpec:
+    """What conf/model/*.yaml describes."""
+
+    name: str  # "tiny", a hub id, or a local folder
+    tokenizer: str | None = None  # a separate tokenizer folder or id (default: name)
+    chat_template: str | None = None  # a .jinja file that replaces the tokenizer's template
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    # tiny only
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 4096
+    init_seed: int = 0
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer (256 byte tokens + ChatML specials), built in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    backend = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=TINY_SPECIAL_TOKENS[1:],
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": TINY_SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(spec: ModelSpec, vocab_size: int) -> PreTrainedModel:
+    """A small random Qwen2 model; the same seed gives the same weights (so resume can rebuild it)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        attn_implementation=spec.attn_implementation,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        return Qwen2ForCausalLM(config)
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    if spec.name == "tiny" and spec.tokenizer is None:
+        tokenizer = tiny_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.name, trust_remote_code=spec.trust_remote_code)
+    if spec.chat_template:
+        tokenizer.chat_template = Path(spec.chat_template).read_text()
+    if tokenizer.chat_template is None:
+        raise ValueError(f"tokenizer of {spec.tokenizer or spec.name!r} has no chat template; set model.chat_template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The policy, in `dtype` (keep float32 master weights for mixed precision)."""
+    if spec.name == "tiny":
+        return tiny_model(spec, vocab_size=len(tokenizer)).to(dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        spec.name,
+        dtype=dtype,
+        trust_remote_code=spec.trust_remote_code,
+        attn_implementation=spec.attn_implementation,
+    )

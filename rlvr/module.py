@@ -1,0 +1,230 @@
+"""The GRPO step as a LightningModule with manual optimization.
+
+One training step consumes one rollout batch (B prompts x n samples, generated and scored by the
+rollout callback before the step) and makes ppo_epochs x mini-batches AdamW updates, each
+accumulating gradients over micro-batches. Old log-probs are those of the policy before the
+first update; when there is a single update per step the policy is still the one that sampled,
+so the ratio is exactly 1 and the extra forward pass is skipped. The reference model for the KL
+term is a frozen copy of the initial policy, held only when kl_coef > 0, and never checkpointed
+(resume rebuilds it from the same source as the initial weights).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from rlvr import grpo
+from rlvr.rewards import RewardBatch, pearson
+
+
+@dataclass
+class GRPOConfig:
+    n: int = 8  # samples per prompt (the group)
+    ppo_epochs: int = 1
+    mini_batch_size: int | None = None  # prompts per update; None = the whole batch, one update
+    micro_batch_size: int = 8  # sequences per forward/backward
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.001
+    entropy_coef: float = 0.001
+    loss_agg: grpo.LossAgg = "token-mean"
+    scale_advantages: bool = True  # False: Dr. GRPO, no division by the group's std
+    temperature: float = 1.0  # the sampling temperature, so log-probs match the sampler
+    max_new_tokens: int = 1024  # the horizon of seq-mean-token-sum-norm
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0  # updates of linear warm-up, then constant
+
+    def updates_per_step(self, batch_size: int) -> int:
+        mini = self.mini_batch_size or batch_size
+        if batch_size % mini:
+            raise ValueError(f"batch_size {batch_size} is not divisible by mini_batch_size {mini}")
+        return self.ppo_epochs * (batch_size // mini)
+
+
+@dataclass
+class Rollout:
+    """Sequences laid out as [left-padded prompt | right-padded response], N = B * n rows."""
+
+    input_ids: torch.Tensor  # (N, P + R)
+    attention_mask: torch.Tensor  # (N, P + R)
+    response_mask: torch.Tensor  # (N, R) float, 1.0 on response tokens
+    truncated: torch.Tensor  # (N,) bool: cut at max_new_tokens without EOS
+    rewards: RewardBatch
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_width(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+
+def pack_rollout(
+    prompts: list[list[int]], completions: list[list[int]], n: int, pad_id: int, eos_ids: list[int],
+    rewards: RewardBatch, texts: list[str],
+) -> Rollout:
+    """Lay out prompt i's n completions (rows i*n .. i*n+n-1) as padded tensors."""
+    width_p = max(len(p) for p in prompts)
+    width_r = max(1, max(len(c) for c in completions))
+    rows = len(completions)
+    input_ids = torch.full((rows, width_p + width_r), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros(rows, width_r)
+    truncated = torch.zeros(rows, dtype=torch.bool)
+    for row, completion in enumerate(completions):
+        prompt = prompts[row // n]
+        input_ids[row, width_p - len(prompt) : width_p] = torch.tensor(prompt)
+        input_ids[row, width_p : width_p + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        attention_mask[row, width_p - len(prompt) : width_p + len(completion)] = 1
+        response_mask[row, : len(completion)] = 1.0
+        truncated[row] = not completion or completion[-1] not in eos_ids
+    return Rollout(input_ids, attention_mask, response_mask, truncated, rewards, texts)
+
+
+class _Frozen:
+    """Holds a model outside the module tree: not optimized, not checkpointed, moved by hand."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval().requires_grad_(False)
+
+
+REWARD_KEYS = ("verify", "format", "reflect", "total", "accuracy")
+
+
+class GRPOModule(L.LightningModule):
+    def __init__(self, policy: nn.Module, config: GRPOConfig, batch_size: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy
+        self.config = config
+        self.batch_size = batch_size
+        self.updates_per_step = config.updates_per_step(batch_size)
+        self._reference = _Frozen(copy.deepcopy(policy)) if config.kl_coef > 0 else None
+        self.reward_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in REWARD_KEYS})
+        self.save_hyperparameters({"grpo": asdict(config), "batch_size": batch_size})
+
+    def configure_optimizers(self):
+        c = self.config
+        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        warmup = max(c.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: min(1.0, (update + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self._reference is not None:
+            self._reference.model.to(self.device)
+
+    # -- log-probs -----------------------------------------------------------------------------
+
+    def _logprobs(self, model: nn.Module, rollout: Rollout, rows: torch.Tensor, entropy: bool):
+        """Response-token log-probs (b, r) and entropies for the given rows, padding trimmed."""
+        mask = rollout.response_mask[rows]  # (b, R)
+        r = int(mask.sum(dim=1).max().item())  # longest response in this micro-batch
+        p = rollout.prompt_width
+        attention = rollout.attention_mask[rows, : p + r]  # (b, P + r)
+        first = int(attention.any(dim=0).nonzero()[0].item())  # first column anyone attends to
+        ids = rollout.input_ids[rows, first : p + r]  # (b, W)
+        attention = attention[:, first:]
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (b, W)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                       use_cache=False, logits_to_keep=r + 1).logits[:, :-1]  # (b, r, V)
+        if self.config.temperature > 0:
+            logits = logits / self.config.temperature
+        logp, ent = grpo.token_logprobs_and_entropy(logits, ids[:, -r:], with_entropy=entropy)
+        return logp, ent, mask[:, :r]
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rollout: Rollout = batch["rollout"]
+        c = self.config
+        device = self.device
+        rollout.input_ids = rollout.input_ids.to(device)
+        rollout.attention_mask = rollout.attention_mask.to(device)
+        rollout.response_mask = rollout.response_mask.to(device)
+        num_rows = rollout.input_ids.shape[0]
+        rewards = rollout.rewards.total.to(device)
+        advantages = grpo.group_advantages(rewards, c.n, scale=c.scale_advantages)  # (N,)
+
+        # Mini-batches of whole groups; micro-batches cut inside each mini-batch.
+        rows_per_mini = (c.mini_batch_size or self.batch_size) * c.n
+        minis = [
+            [torch.arange(m, min(m + c.micro_batch_size, e), device=device) for m in range(s, e, c.micro_batch_size)]
+            for s, e in ((s, min(s + rows_per_mini, num_rows)) for s in range(0, num_rows, rows_per_mini))
+        ]
+        old_logp: dict[int, torch.Tensor] = {}
+        ref_logp: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for rows in (rows for mini in minis for rows in mini):
+                if self.updates_per_step > 1:  # else the sampling policy is the current one: ratio 1
+                    old_logp[int(rows[0])] = self._logprobs(self.policy, rollout, rows, entropy=False)[0]
+                if self._reference is not None:
+                    ref_logp[int(rows[0])] = self._logprobs(self._reference.model, rollout, rows, entropy=False)[0]
+
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        sums = dict.fromkeys(("loss", "pg_loss", "pg_clipfrac", "kl", "entropy", "grad_norm"), 0.0)
+        for _ in range(c.ppo_epochs):
+            for mini in minis:
+                num_tokens = float(sum(rollout.response_mask[rows].sum() for rows in mini))
+                num_seqs = float(sum(len(rows) for rows in mini))
+                optimizer.zero_grad()
+                for rows in mini:
+                    start = int(rows[0])
+                    stats = self._micro_step(rollout, rows, advantages, old_logp.get(start), ref_logp.get(start),
+                                             num_tokens, num_seqs)
+                    for key, value in stats.items():
+                        sums[key] += value / self.updates_per_step
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
+                sums["grad_norm"] += float(grad_norm) / self.updates_per_step
+                optimizer.step()
+                scheduler.step()
+        self._log_step(sums, rollout, rewards)
+
+    def _micro_step(self, rollout: Rollout, rows: torch.Tensor, advantages: torch.Tensor,
+                    old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                    num_tokens: float, num_seqs: float) -> dict[str, float]:
+        """Backward of this micro-batch's share of the mini-batch loss; returns its share of the stats."""
+        c = self.config
+        logp, entropy, mask = self._logprobs(self.policy, rollout, rows, entropy=True)
+        old = logp.detach() if old_logp is None else old_logp
+        agg = dict(mode=c.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=c.max_new_tokens)
+        pg_tok, clipped = grpo.clipped_policy_loss(logp, old, advantages[rows], c.clip_low, c.clip_high)
+        pg_loss = grpo.aggregate(pg_tok, mask, **agg)
+        loss = pg_loss
+        if c.entropy_coef:
+            loss = loss - c.entropy_coef * grpo.aggregate(entropy, mask, **agg)
+        kl_tok = torch.zeros_like(logp)
+        if ref_logp is not None:
+            kl_tok = grpo.kl_low_var(logp, ref_logp)
+            loss = loss + c.kl_coef * grpo.aggregate(kl_tok, mask, **agg)
+        self.manual_backward(loss)
+        token_mean = lambda x: float((x.detach().float() * mask).sum()) / num_tokens  # noqa: E731
+        return {"loss": float(loss.detach()), "pg_loss": float(pg_loss.detach()), "pg_clipfrac": token_mean(clipped),
+                "kl": token_mean(kl_tok), "entropy": token_mean(entropy)}
+
+    def _log_step(self, sums: dict[str, float], rollout: Rollout, rewards: torch.Tensor) -> None:
+        log = dict(on_step=True, on_epoch=False, batch_size=rewards.numel())
+        for key, value in sums.items():
+            self.log(f"train/{key}", value, prog_bar=key == "loss", **log)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], **log)
+        tied = grpo.tied_groups(rewards, self.config.n).float().mean()
+        self.log("train/tied_groups", float(tied), **log)
+        lengths = rollout.response_mask.sum(dim=1)
+        self.log("response_length/mean", float(lengths.mean()), **log)
+        self.log("response_length/max", float(lengths.max()), **log)
+        self.log("response_length/clip_ratio", float(rollout.truncated.float().mean()), **log)
+        r = rollout.rewards
+        values = {"verify": r.verify, "format": r.format, "reflect": r.reflect, "total": r.total,
+                  "accuracy": (r.verify == 1.0).float()}
+        for key, metric in self.reward_metrics.items():
+            metric(values[key].to(self.device))
+            self.log(f"reward/{key}", metric, prog_bar=key == "total", **log)
+        self.log("reward/timeouts", float(r.timeouts), **log)
+        self.log("reward/format_verify_corr", pearson(r.format, r.verify), **log)

@@ -1,0 +1,396 @@
+"""The multi-signal reward: r = alpha * verify + beta * format + gamma * reflect.
+
+Every signal is scored on the response text only, never on prompt + response, so a prompt that
+contains the tags earns nothing. Each signal is a small pure function; `score` returns the parts
+with the total so that each part can be logged and each weight swept.
+
+`RewardScorer` scores a batch: format and reflect in this process (linear-time string work), the
+math-verify check in a pool of worker processes, each verification under a hard time limit
+(`setitimer` in the worker's main thread, where signals work, plus a watchdog here that replaces a
+pool whose worker is stuck in C code). A response that times out scores verify = 0 and is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import re
+import signal
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+DEFAULT_WEIGHTS = (1.0, 0.5, 0.5)
+SIGNALS = ("verify", "format", "reflect")
+
+# ---------------------------------------------------------------------------------------------
+# Answer extraction and verification
+# ---------------------------------------------------------------------------------------------
+
+_BOXED = "\\boxed"
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}`, braces balanced; None if there is none or it never closes."""
+    start = text.rfind(_BOXED + "{")
+    while start != -1:
+        depth, i = 0, start + len(_BOXED)
+        for i in range(start + len(_BOXED), len(text)):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start + len(_BOXED) + 1 : i]
+        # This one never closes; an earlier, complete one may still exist.
+        start = text.rfind(_BOXED + "{", 0, start)
+    return None
+
+
+def ground_truth_answer(ground_truth: str) -> str:
+    """The answer part of a label: the text after the last `####` (GSM8K style), else the label."""
+    if "####" in ground_truth:
+        ground_truth = ground_truth.rsplit("####", 1)[1]
+    return ground_truth.strip()
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(answer: str) -> tuple:
+    """Parsed once per process per label: a group of n samples shares one ground truth."""
+    from math_verify import parse
+
+    return tuple(parse(f"${answer}$", parsing_timeout=None))
+
+
+def verify_answer(predicted: str, ground_truth: str) -> bool:
+    """math-verify equivalence of a boxed answer and a label, with no time limit of its own."""
+    from math_verify import parse, verify
+
+    gold = list(_parse_gold(ground_truth_answer(ground_truth)))
+    pred = parse(f"${predicted}$", parsing_timeout=None)
+    if not gold or not pred:
+        return False
+    return bool(verify(gold, pred, timeout_seconds=None))
+
+
+def verify_signal(response: str, ground_truth: str) -> float:
+    """1.0 when the last boxed answer equals the ground truth, else 0.0 (no time limit here)."""
+    boxed = last_boxed(response)
+    if boxed is None or not boxed.strip():
+        return 0.0
+    return float(verify_answer(boxed, ground_truth))
+
+
+# ---------------------------------------------------------------------------------------------
+# Format
+# ---------------------------------------------------------------------------------------------
+
+
+def format_signal(response: str) -> float:
+    """1.0 for `<think>X</think> ... \\boxed{Y} ... <reflection>Z</reflection>` + white space.
+
+    Exactly one of each tag, X, Y and Z non-blank, the box between `</think>` and `<reflection>`,
+    and nothing but white space after `</reflection>`.
+    """
+    tags = ("<think>", "</think>", "<reflection>", "</reflection>")
+    if any(response.count(tag) != 1 for tag in tags):
+        return 0.0
+    t_open, t_close, r_open, r_close = (response.index(tag) for tag in tags)
+    if not (t_open < t_close < r_open < r_close):
+        return 0.0
+    think = response[t_open + len("<think>") : t_close]
+    middle = response[t_close + len("</think>") : r_open]
+    reflection = response[r_open + len("<reflection>") : r_close]
+    tail = response[r_close + len("</reflection>") :]
+    boxed = last_boxed(middle)
+    ok = think.strip() and boxed is not None and boxed.strip() and reflection.strip()
+    return 1.0 if ok and not tail.strip() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reflection verdict
+# ---------------------------------------------------------------------------------------------
+
+AFFIRM = frozenset({"correct", "right", "accurate", "verified", "confident", "valid", "sure", "certain"})
+DENY = frozenset(
+    {"wrong", "incorrect", "mistake", "mistakes", "error", "errors", "failed", "uncertain", "unsure",
+     "inaccurate", "invalid", "unverified", "flawed"}
+)
+NEGATORS = frozenset(
+    {"not", "no", "never", "nor", "hardly", "cannot", "isn't", "isnt", "aren't", "wasn't", "weren't",
+     "don't", "doesn't", "didn't", "can't", "won't", "couldn't", "shouldn't", "nothing", "without"}
+)
+NEGATION_WINDOW = 3  # a negator up to this many words before a verdict word flips it
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?|[.;:!?]")
+
+
+def reflection_text(response: str) -> str | None:
+    """The text inside the first `<reflection>...</reflection>` block, or None."""
+    start = response.find("<reflection>")
+    end = response.find("</reflection>", start + 1)
+    if start == -1 or end == -1:
+        return None
+    return response[start + len("<reflection>") : end]
+
+
+def reflection_verdict(text: str) -> bool | None:
+    """True when the text affirms correctness, False when it denies it, None when ambiguous.
+
+    Whole words only ("alright" is not "right", "incorrect" is not "correct"). A verdict word with
+    a negator shortly before it in the same clause is flipped: "not correct" denies, "no errors"
+    affirms. Both verdicts present, or neither, is ambiguous.
+    """
+    words = _WORD.findall(text.lower().replace("\u2019", "'"))
+    affirms = denies = False
+    for i, word in enumerate(words):
+        if word not in AFFIRM and word not in DENY:
+            continue
+        before = []
+        for prev in reversed(words[max(0, i - NEGATION_WINDOW) : i]):
+            if prev in ".;:!?":
+                break
+            before.append(prev)
+        negated = any(prev in NEGATORS or prev.endswith("n't") for prev in before)
+        says_correct = (word in AFFIRM) != negated
+        affirms |= says_correct
+        denies |= not says_correct
+    if affirms == denies:
+        return None
+    return affirms
+
+
+def reflect_signal(response: str, verify: float) -> float:
+    """1.0 when the reflection's verdict is unambiguous and agrees with verify, else 0.0."""
+    text = reflection_text(response)
+    verdict = None if text is None else reflection_verdict(text)
+    if verdict is None:
+        return 0.0
+    return 1.0 if verdict == (verify == 1.0) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# One response
+# ---------------------------------------------------------------------------------------------
+
+
+def combine(verify: float, fmt: float, reflect: float, weights: Sequence[float]) -> float:
+    alpha, beta, gamma = weights
+    return alpha * verify + beta * fmt + gamma * reflect
+
+
+def score(response: str, ground_truth: str, weights: Sequence[float] = DEFAULT_WEIGHTS) -> dict[str, float]:
+    """All signals and the weighted total for one response (verification without a time limit)."""
+    verify = verify_signal(response, ground_truth)
+    fmt = format_signal(response)
+    reflect = reflect_signal(response, verify)
+    return {"verify": verify, "format": fmt, "reflect": reflect, "total": combine(verify, fmt, reflect, weights)}
+
+
+def weights_from_env(default: Sequence[float]) -> tuple[float, float, float]:
+    """`REWARD_WEIGHTS="a,b,g"` overrides the configured weights, as in the predecessor project."""
+    raw = os.environ.get("REWARD_WEIGHTS")
+    if not raw:
+        return tuple(float(w) for w in default)  # type: ignore[return-value]
+    parts = raw.split(",")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        return tuple(float(p) for p in parts)  # type: ignore[return-value]
+    except ValueError:
+        raise ValueError(f"REWARD_WEIGHTS must be three comma-separated numbers 'alpha,beta,gamma', got {raw!r}")
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation; 0.0 when either side is constant (no linear relation to measure)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = x.norm() * y.norm()
+    return 0.0 if denom == 0 else float((x * y).sum() / denom)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches, in parallel, with time limits
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardBatch:
+    """One tensor per signal, shape (N,), plus how many verifications ran out of time."""
+
+    verify: torch.Tensor
+    format: torch.Tensor
+    reflect: torch.Tensor
+    total: torch.Tensor
+    timeouts: int
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.verify == 1.0).float().mean()) if len(self.verify) else 0.0
+
+
+class _Timeout(BaseException):
+    """A BaseException, so the `except Exception` inside math-verify and sympy cannot swallow it."""
+
+
+def _on_alarm(signum, frame):  # noqa: ARG001
+    raise _Timeout
+
+
+def _worker_init() -> None:
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    _parse_gold("1")  # import sympy and the parser once, before the first real task
+
+
+def _verify_limited(response: str, ground_truth: str, timeout: float) -> tuple[float, bool]:
+    """verify_signal under an interval timer; runs in a worker's main thread. -> (score, timed_out)."""
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        return verify_signal(response, ground_truth), False
+    except _Timeout:
+        return 0.0, True
+    except Exception:  # a parser or sympy failure on odd input is a wrong answer, not a crash
+        return 0.0, False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _verify_chunk(items: list[tuple[str, str]], timeout: float) -> list[tuple[float, bool]]:
+    return [_verify_limited(response, truth, timeout) for response, truth in items]
+
+
+def _isolated(response: str, ground_truth: str, timeout: float, out) -> None:
+    _worker_init()
+    out.send(_verify_limited(response, ground_truth, timeout))
+
+
+class RewardScorer:
+    """Scores batches of responses; the trainer and the evaluator share it.
+
+    workers=0 verifies in this process (the time limit then needs the main thread); otherwise a
+    pool of `workers` spawned processes (default: the machine's cores) does the verification.
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[float] = DEFAULT_WEIGHTS,
+        timeout: float = 5.0,
+        workers: int | None = None,
+        chunk_size: int = 8,
+    ) -> None:
+        self.weights = tuple(float(w) for w in weights)
+        self.timeout = float(timeout)
+        self.workers = (os.cpu_count() or 1) if workers is None else int(workers)
+        self.chunk_size = chunk_size
+        self._pool: ProcessPoolExecutor | None = None
+        self.pool_restarts = 0
+
+    # The pool is not picklable and must not travel with a checkpoint or a deepcopy.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp.get_context("spawn"), initializer=_worker_init)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _kill_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        self.pool_restarts += 1
+
+    def __enter__(self) -> "RewardScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def verify_many(self, responses: Sequence[str], ground_truths: Sequence[str]) -> tuple[list[float], int]:
+        """Verify scores for all responses and the number of timeouts."""
+        items = list(zip(responses, ground_truths, strict=True))
+        if self.workers == 0:
+            results = _verify_chunk(items, self.timeout) if _on_main_thread() else [
+                (verify_signal(r, t), False) for r, t in items]
+        else:
+            results = self._verify_in_pool(items)
+        return [s for s, _ in results], sum(t for _, t in results)
+
+    def _verify_in_pool(self, items: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        results: list[tuple[float, bool] | None] = [None] * len(items)
+        chunks = [list(range(i, min(i + self.chunk_size, len(items)))) for i in range(0, len(items), self.chunk_size)]
+        pool = self._get_pool()
+        pending: dict[Future, list[int]] = {
+            pool.submit(_verify_chunk, [items[i] for i in chunk], self.timeout): chunk for chunk in chunks
+        }
+        # Each worker starts a new chunk only after finishing one, so if nothing completes within
+        # a chunk's worst case, every running chunk is past its own timers: a worker is stuck.
+        stall = self.timeout * self.chunk_size + 5.0
+        while pending:
+            done, _ = wait(pending, timeout=stall, return_when=FIRST_COMPLETED)
+            if not done:
+                self._kill_pool()
+                break
+            for future in done:
+                chunk = pending.pop(future)
+                try:
+                    for i, result in zip(chunk, future.result()):
+                        results[i] = result
+                except BrokenProcessPool:  # a worker died (killed, out of memory): rescore below
+                    self._kill_pool()
+        unfinished = [i for i, r in enumerate(results) if r is None]
+        for i in unfinished:
+            results[i] = self._verify_isolated(*items[i])
+        return results  # type: ignore[return-value]
+
+    def _verify_isolated(self, response: str, ground_truth: str) -> tuple[float, bool]:
+        """One response in its own process, killed if it overruns: the slow path after a stall."""
+        ctx = mp.get_context("spawn")
+        receive, send = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_isolated, args=(response, ground_truth, self.timeout, send), daemon=True)
+        process.start()
+        # Start-up (imports) plus the time limit; a process that dies first counts as a timeout.
+        ready = mp.connection.wait([receive, process.sentinel], timeout=self.timeout + 30.0)
+        result = receive.recv() if receive in ready and receive.poll() else (0.0, True)
+        process.kill()
+        process.join()
+        return result
+
+    def __call__(self, responses: Sequence[str], ground_truths: Sequence[str]) -> RewardBatch:
+        verify, timeouts = self.verify_many(responses, ground_truths)
+        fmt = [format_signal(r) for r in responses]
+        reflect = [reflect_signal(r, v) for r, v in zip(responses, verify)]
+        total = [combine(v, f, g, self.weights) for v, f, g in zip(verify, fmt, reflect)]
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+        return RewardBatch(as_tensor(verify), as_tensor(fmt), as_tensor(reflect), as_tensor(total), timeouts)
+
+
+def _on_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def score_batch(
+    responses: Sequence[str],
+    ground_truths: Sequence[str],
+    weights: Sequence[float] = DEFAULT_WEIGHTS,
+    timeout: float = 5.0,
+    workers: int | None = None,
+) -> RewardBatch:
+    """Score many responses in parallel with a one-off pool (long runs keep a RewardScorer)."""
+    with RewardScorer(weights, timeout, workers) as scorer:
+        return scorer(responses, ground_truths)

@@ -1,0 +1,106 @@
+"""Train with GRPO: `python -m rlvr.train mode=ultra-quick gpu=cpu [key=value ...]`.
+
+The composition root: reads the Hydra config, builds the data, policy, engine, reward, callbacks,
+logger and trainer, calls `fit` (resuming from `ckpt_path`), and returns the metric a sweep
+optimizes. Training logic lives in rlvr.module, rollouts in callbacks.rollout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.progress import StepProgressBar
+from callbacks.rollout import RolloutCallback
+from rlvr.data import PromptDataModule, load_examples
+from rlvr.engine import HFEngine, SamplingParams
+from rlvr.loggers import ResumableCSVLogger
+from rlvr.models import ModelSpec, load_model, load_tokenizer
+from rlvr.module import GRPOConfig, GRPOModule
+from rlvr.rewards import RewardScorer, weights_from_env
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+ENGINES = ("hf",)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`last` means output_dir/checkpoints/last.ckpt; anything else must be an existing file."""
+    if ckpt_path is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> float | None:
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+
+    spec = ModelSpec(**{k: v for k, v in cfg.model.items() if k != "gradient_checkpointing"})
+    tokenizer = load_tokenizer(spec)
+    policy = load_model(spec, tokenizer, dtype=torch.float32)
+    if cfg.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+
+    data_options = OmegaConf.to_container(cfg.data, resolve=True)
+    max_prompt_tokens = data_options.pop("max_prompt_tokens")
+    datamodule = PromptDataModule(
+        load_examples(**data_options), tokenizer, batch_size=cfg.batch_size, seed=cfg.seed,
+        max_prompt_tokens=max_prompt_tokens, system_prompt=cfg.prompt.system, instruction=cfg.prompt.instruction,
+    )
+    datamodule.setup()
+    steps = cfg.steps if cfg.steps is not None else cfg.epochs * datamodule.batches_per_epoch
+
+    sampling = SamplingParams(cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
+    grpo_config = GRPOConfig(
+        n=sampling.n, temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens,
+        **cfg.grpo, **cfg.optim,
+    )
+    module = GRPOModule(policy, grpo_config, batch_size=cfg.batch_size)
+
+    if cfg.rollout.engine not in ENGINES:
+        raise ValueError(f"rollout.engine={cfg.rollout.engine!r}; choose one of {list(ENGINES)}")
+    engine = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.rollout.generate_batch_size)
+    weights = weights_from_env((cfg.reward.alpha, cfg.reward.beta, cfg.reward.gamma))
+    scorer = RewardScorer(weights, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
+
+    updates = module.updates_per_step  # optimizer steps per GRPO step; Lightning counts the former
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", filename="step-{step}", every_n_train_steps=cfg.save_every * updates,
+        save_last=True, save_top_k=cfg.keep_checkpoints, monitor="step", mode="max",
+    )
+    trainer = L.Trainer(
+        **cfg.trainer,
+        max_steps=steps * updates,
+        max_epochs=-1,
+        logger=ResumableCSVLogger(str(output_dir)),
+        callbacks=[RolloutCallback(engine, scorer, tokenizer, sampling, seed=cfg.seed), checkpoint, StepProgressBar(steps)],
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        default_root_dir=output_dir,
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        scorer.close()
+    metric = trainer.callback_metrics.get(cfg.optimized_metric)
+    return None if metric is None else float(metric)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
