@@ -28,7 +28,8 @@ def group_advantages(rewards: torch.Tensor, n: int, scale: bool = True, eps: flo
     centered = groups - groups.mean(dim=1, keepdim=True)  # (G, n)
     if scale:
         std = groups.std(dim=1, keepdim=True) if n > 1 else torch.zeros_like(groups[:, :1])  # (G, 1)
-        centered = centered / (std + eps)
+        # A tied group is exactly zero, whatever eps is (0 / 0 would be NaN).
+        centered = torch.where(std > 0, centered / (std + eps), torch.zeros_like(centered))
     return centered.view(-1)  # (B,)
 
 
