@@ -40,12 +40,27 @@ class ModelSpec:
     init_seed: int = 0
 
 
+def _byte_level_chars() -> list[str]:
+    """The character that byte-level BPE uses for each byte 0..255 (GPT-2's map: printable bytes
+    stand for themselves, the rest shift to 256 + k). Built here because `ByteLevel.alphabet()`
+    comes back in a different order in every process, which would renumber the tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    chars, shift = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + shift))
+            shift += 1
+    return chars
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
     """A byte-level tokenizer (256 byte tokens + ChatML specials), built in code."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab = {ch: byte for byte, ch in enumerate(_byte_level_chars())}  # token i is byte i
     backend = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()

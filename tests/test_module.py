@@ -1,0 +1,159 @@
+"""The GRPO module, the HF engine and the rollout callback on a tiny random model."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.rollout import RolloutCallback
+from rlvr.data import PromptDataModule, load_examples
+from rlvr.engine import HFEngine, SamplingParams
+from rlvr.models import ModelSpec, load_model, tiny_tokenizer
+from rlvr.module import GRPOConfig, GRPOModule, pack_rollout
+from rlvr.rewards import RewardBatch
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def make_policy(tokenizer, seed=0):
+    return load_model(ModelSpec("tiny", init_seed=seed), tokenizer)
+
+
+def rewards_for(values):
+    t = torch.tensor(values, dtype=torch.float32)
+    return RewardBatch(t, torch.zeros_like(t), torch.zeros_like(t), t, 0)
+
+
+def test_pack_rollout_layout():
+    prompts = [[1, 2, 3], [4]]
+    completions = [[5, 9], [6], [7, 8, 9], [9]]  # n = 2; 9 is EOS
+    r = pack_rollout(prompts, completions, n=2, pad_id=0, eos_ids=[9], rewards=rewards_for([0, 0, 0, 0]), texts=[])
+    assert r.input_ids.tolist() == [[1, 2, 3, 5, 9, 0], [1, 2, 3, 6, 0, 0], [0, 0, 4, 7, 8, 9], [0, 0, 4, 9, 0, 0]]
+    assert r.attention_mask.tolist()[2] == [0, 0, 1, 1, 1, 1]
+    assert r.response_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert r.truncated.tolist() == [False, True, False, False]
+    assert r.prompt_width == 3
+
+
+def test_logprobs_of_padded_rows_match_an_unpadded_forward(tokenizer):
+    policy = make_policy(tokenizer)
+    module = GRPOModule(policy, GRPOConfig(n=2, kl_coef=0.0), batch_size=1)
+    prompts, completions = [[10, 11, 12, 13]], [[20, 21, 22], [30]]
+    rollout = pack_rollout(prompts, completions, 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
+                           rewards_for([0, 0]), [])
+    with torch.no_grad():
+        logp, entropy, mask = module._logprobs(policy, rollout, torch.tensor([0, 1]), entropy=True)
+        for row, completion in enumerate(completions):
+            ids = torch.tensor([prompts[0] + completion])
+            full = policy(input_ids=ids).logits[0, 3:-1].log_softmax(-1)  # predicts the completion
+            expected = full.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+            assert torch.allclose(logp[row, : len(completion)], expected, atol=1e-5)
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def _one_step_grad(tokenizer, micro_batch_size, loss_agg):
+    policy = make_policy(tokenizer)
+    config = GRPOConfig(n=2, micro_batch_size=micro_batch_size, kl_coef=0.0, entropy_coef=0.0, loss_agg=loss_agg,
+                        max_new_tokens=4)
+    module = GRPOModule(policy, config, batch_size=2)
+    prompts, completions = [[10, 11], [12, 13, 14]], [[20, 21, 22, 23], [30], [40, 41], [50, 51, 52]]
+    rollout = pack_rollout(prompts, completions, 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
+                           rewards_for([1, 0, 0, 1]), [])
+    module.manual_backward = lambda loss: loss.backward()
+    advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    num_tokens = float(rollout.response_mask.sum())
+    for start in range(0, 4, micro_batch_size):
+        rows = torch.arange(start, min(start + micro_batch_size, 4))
+        module._micro_step(rollout, rows, advantages, None, None, num_tokens, 4.0)
+    return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batching_gives_the_full_batch_gradient(tokenizer, loss_agg):
+    whole = _one_step_grad(tokenizer, 4, loss_agg)
+    split = _one_step_grad(tokenizer, 1, loss_agg)
+    assert whole.abs().sum() > 0
+    assert torch.allclose(whole, split, atol=1e-6)
+
+
+def test_hf_engine_is_seeded_and_takes_weights(tokenizer):
+    policy = make_policy(tokenizer, seed=0)
+    engine_model = make_policy(tokenizer, seed=1)  # a different model, as a separate engine would hold
+    engine = HFEngine(engine_model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=6)
+    prompts = [[1, 2, 3], [4, 5]]
+    a, b = engine.generate(prompts, params, seed=5), engine.generate(prompts, params, seed=5)
+    assert a == b and len(a) == 6 and all(1 <= len(c) <= 6 for c in a)
+    assert engine.generate(prompts, params, seed=6) != a
+
+    reference = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id).generate(prompts, params, seed=5)
+    assert reference != a
+    engine.load_weights(policy.named_parameters())
+    assert engine.generate(prompts, params, seed=5) == reference
+
+
+class TargetTokenReward:
+    """Reward = share of response characters that are '7': learnable by a tiny model in a few steps."""
+
+    def __call__(self, texts, truths):
+        values = [t.count("7") / max(len(t), 1) for t in texts]
+        return rewards_for(values)
+
+    def close(self):
+        pass
+
+
+def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path):
+    L.seed_everything(0)
+    policy = make_policy(tokenizer)
+    sampling = SamplingParams(n=8, temperature=1.0, max_new_tokens=8)
+    config = GRPOConfig(n=8, micro_batch_size=32, lr=3e-3, kl_coef=0.0, entropy_coef=0.0, max_new_tokens=8)
+    module = GRPOModule(policy, config, batch_size=4)
+    data = PromptDataModule(load_examples("arithmetic", size=64), tokenizer, batch_size=4)
+    data.setup()
+    engine = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    history = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            history.append(trainer.callback_metrics["reward/total"].item())
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=30, max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[RolloutCallback(engine, TargetTokenReward(), tokenizer, sampling), Record()])
+    trainer.fit(module, datamodule=data)
+    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert len(history) == 30
+    assert last > 0.3 and last > 5 * first, (first, last)
+
+
+def test_reference_model_is_held_only_with_kl_and_never_checkpointed(tokenizer):
+    policy = make_policy(tokenizer)
+    assert GRPOModule(copy.deepcopy(policy), GRPOConfig(kl_coef=0.0), batch_size=1)._reference is None
+    module = GRPOModule(policy, GRPOConfig(kl_coef=0.001), batch_size=1)
+    assert module._reference is not None
+    assert all(key.startswith("policy.") or key.startswith("reward_metrics") for key in module.state_dict())
+
+
+def test_mini_batch_size_must_divide_the_batch():
+    with pytest.raises(ValueError, match="not divisible"):
+        GRPOConfig(mini_batch_size=3).updates_per_step(batch_size=8)
+    assert GRPOConfig(mini_batch_size=2, ppo_epochs=2).updates_per_step(batch_size=8) == 8
+
+
+def test_tiny_tokenizer_token_i_is_byte_i_in_every_process():
+    """Token ids must not depend on the process (hash seed): a resumed run must read the same ids."""
+    script = "from rlvr.models import tiny_tokenizer; print(tiny_tokenizer()('Hi 7 \\u00e9\\n')['input_ids'])"
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (1, 2)}
+    assert outputs == {str(list("Hi 7 \u00e9\n".encode()))}
+    tok = tiny_tokenizer()
+    text = "<think>ü</think>\\boxed{7}"
+    assert tok.decode(tok(text)["input_ids"]) == text
