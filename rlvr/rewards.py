@@ -281,7 +281,7 @@ class RewardScorer:
         weights: Sequence[float] = DEFAULT_WEIGHTS,
         timeout: float = 5.0,
         workers: int | None = None,
-        chunk_size: int = 8,
+        chunk_size: int = 2,
     ) -> None:
         self.weights = tuple(float(w) for w in weights)
         self.timeout = float(timeout)
