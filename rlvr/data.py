@@ -93,10 +93,10 @@ def one_shot(source: str) -> list[Example]:
     import pyarrow.parquet as pq
 
     path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.source: no parquet file at {path}")
     try:
         table = pq.read_table(path)
-    except FileNotFoundError:
-        raise
     except Exception as e:
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     missing = {"prompt", "reward_model"} - set(table.column_names)

@@ -40,7 +40,7 @@ def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}`, braces balanced; None if there is none or it never closes."""
     start = text.rfind(_BOXED + "{")
     while start != -1:
-        depth, i = 0, start + len(_BOXED)
+        depth = 0
         for i in range(start + len(_BOXED), len(text)):
             if text[i] == "{":
                 depth += 1
