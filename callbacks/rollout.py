@@ -32,6 +32,8 @@ class RolloutCallback(L.Callback):
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.seed = seed
+        eos = tokenizer.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
         self.samples_generated = 0
         self.tokens_generated = 0
 
@@ -45,15 +47,14 @@ class RolloutCallback(L.Callback):
         truths = [answer for answer in batch["answer"] for _ in range(n)]
         rewards = self.scorer(texts, truths)
         scored = time.perf_counter()
-        eos = self.tokenizer.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos)
-        batch["rollout"] = pack_rollout(prompts, completions, n, self.tokenizer.pad_token_id, eos_ids, rewards, texts)
+        batch["rollout"] = pack_rollout(prompts, completions, n, self.tokenizer.pad_token_id, self.eos_ids, rewards)
+        tokens = sum(len(c) for c in completions)
         self.samples_generated += len(completions)
-        self.tokens_generated += sum(len(c) for c in completions)
+        self.tokens_generated += tokens
         log = dict(on_step=True, on_epoch=False, batch_size=len(completions))
         pl_module.log("time/generate_s", generated - began, **log)
         pl_module.log("time/reward_s", scored - generated, **log)
-        pl_module.log("rollout/tokens_per_s", sum(len(c) for c in completions) / max(generated - began, 1e-9), **log)
+        pl_module.log("rollout/tokens_per_s", tokens / max(generated - began, 1e-9), **log)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
         self.engine.load_weights(pl_module.policy.named_parameters())

@@ -12,7 +12,7 @@ term is a frozen copy of the initial policy, held only when kl_coef > 0, and nev
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -59,7 +59,6 @@ class Rollout:
     response_mask: torch.Tensor  # (N, R) float, 1.0 on response tokens
     truncated: torch.Tensor  # (N,) bool: cut at max_new_tokens without EOS
     rewards: RewardBatch
-    texts: list[str] = field(default_factory=list)
 
     @property
     def prompt_width(self) -> int:
@@ -68,7 +67,7 @@ class Rollout:
 
 def pack_rollout(
     prompts: list[list[int]], completions: list[list[int]], n: int, pad_id: int, eos_ids: list[int],
-    rewards: RewardBatch, texts: list[str],
+    rewards: RewardBatch,
 ) -> Rollout:
     """Lay out prompt i's n completions (rows i*n .. i*n+n-1) as padded tensors."""
     width_p = max(len(p) for p in prompts)
@@ -85,7 +84,7 @@ def pack_rollout(
         attention_mask[row, width_p - len(prompt) : width_p + len(completion)] = 1
         response_mask[row, : len(completion)] = 1.0
         truncated[row] = not completion or completion[-1] not in eos_ids
-    return Rollout(input_ids, attention_mask, response_mask, truncated, rewards, texts)
+    return Rollout(input_ids, attention_mask, response_mask, truncated, rewards)
 
 
 class _Frozen:
@@ -222,7 +221,7 @@ class GRPOModule(L.LightningModule):
         self.log("response_length/clip_ratio", float(rollout.truncated.float().mean()), **log)
         r = rollout.rewards
         values = {"verify": r.verify, "format": r.format, "reflect": r.reflect, "total": r.total,
-                  "accuracy": (r.verify == 1.0).float()}
+                  "accuracy": r.correct}
         for key, metric in self.reward_metrics.items():
             metric(values[key].to(self.device))
             self.log(f"reward/{key}", metric, prog_bar=key == "total", **log)

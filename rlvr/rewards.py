@@ -229,8 +229,13 @@ class RewardBatch:
     timeouts: int
 
     @property
+    def correct(self) -> torch.Tensor:
+        """(N,) 1.0 where verify passed: its mean is the accuracy papers report."""
+        return (self.verify == 1.0).float()
+
+    @property
     def accuracy(self) -> float:
-        return float((self.verify == 1.0).float().mean()) if len(self.verify) else 0.0
+        return float(self.correct.mean()) if len(self.verify) else 0.0
 
 
 class _Timeout(BaseException):

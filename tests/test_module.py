@@ -34,7 +34,7 @@ def rewards_for(values):
 def test_pack_rollout_layout():
     prompts = [[1, 2, 3], [4]]
     completions = [[5, 9], [6], [7, 8, 9], [9]]  # n = 2; 9 is EOS
-    r = pack_rollout(prompts, completions, n=2, pad_id=0, eos_ids=[9], rewards=rewards_for([0, 0, 0, 0]), texts=[])
+    r = pack_rollout(prompts, completions, n=2, pad_id=0, eos_ids=[9], rewards=rewards_for([0, 0, 0, 0]))
     assert r.input_ids.tolist() == [[1, 2, 3, 5, 9, 0], [1, 2, 3, 6, 0, 0], [0, 0, 4, 7, 8, 9], [0, 0, 4, 9, 0, 0]]
     assert r.attention_mask.tolist()[2] == [0, 0, 1, 1, 1, 1]
     assert r.response_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
@@ -47,7 +47,7 @@ def test_logprobs_of_padded_rows_match_an_unpadded_forward(tokenizer):
     module = GRPOModule(policy, GRPOConfig(n=2, kl_coef=0.0), batch_size=1)
     prompts, completions = [[10, 11, 12, 13]], [[20, 21, 22], [30]]
     rollout = pack_rollout(prompts, completions, 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
-                           rewards_for([0, 0]), [])
+                           rewards_for([0, 0]))
     with torch.no_grad():
         logp, entropy, mask = module._logprobs(policy, rollout, torch.tensor([0, 1]), entropy=True)
         for row, completion in enumerate(completions):
@@ -65,7 +65,7 @@ def _one_step_grad(tokenizer, micro_batch_size, loss_agg):
     module = GRPOModule(policy, config, batch_size=2)
     prompts, completions = [[10, 11], [12, 13, 14]], [[20, 21, 22, 23], [30], [40, 41], [50, 51, 52]]
     rollout = pack_rollout(prompts, completions, 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
-                           rewards_for([1, 0, 0, 1]), [])
+                           rewards_for([1, 0, 0, 1]))
     module.manual_backward = lambda loss: loss.backward()
     advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
     num_tokens = float(rollout.response_mask.sum())
