@@ -12,6 +12,7 @@ checkpoint state, so a resumed run continues with the very next batch.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step by step."
 DEFAULT_INSTRUCTION = (
@@ -53,10 +56,10 @@ def _require(row: Any, field: str, where: str) -> str:
     return str(value)
 
 
-def read_jsonl(path: str | Path, question_field: str, answer_field: str) -> list[Example]:
-    """One JSON object per line; rows are numbered from 1 in errors."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where, row) for each non-blank line; `where` names the file and the row (from 1) for errors."""
     path = Path(path)
-    examples = []
+    count = 0
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path} row {number}"
@@ -70,10 +73,18 @@ def read_jsonl(path: str | Path, question_field: str, answer_field: str) -> list
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            examples.append(Example(_require(row, question_field, where), _require(row, answer_field, where)))
-    if not examples:
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            count += 1
+            yield where, row
+    if not count:
         raise DataError(f"{path}: no rows")
-    return examples
+
+
+def read_jsonl(path: str | Path, question_field: str, answer_field: str) -> list[Example]:
+    """One JSON object per line with the two named fields."""
+    return [Example(_require(row, question_field, where), _require(row, answer_field, where))
+            for where, row in iter_jsonl(path)]
 
 
 def gsm8k(source: str = "openai/gsm8k", split: str = "train") -> list[Example]:
@@ -87,11 +98,30 @@ def gsm8k(source: str = "openai/gsm8k", split: str = "train") -> list[Example]:
             for i, r in enumerate(rows, start=1)]
 
 
-def one_shot(source: str) -> list[Example]:
+ONE_SHOT_SETS = {  # data.example -> file in data.folder (One-Shot-RLVR's training sets)
+    "pi1": "pi1_r128.parquet",  # the single example pi_1, repeated 128 times
+    "pi13": "pi13_r128.parquet",
+    "pi1_pi13": "merge_pi1_pi13_r128.parquet",  # 2 examples
+    "pi1_pi2_pi13_pi1209": "merge_pi1_pi2_pi13_pi1209_r128.parquet",  # 4 examples
+    "dsr_sub": "dsr_sub.parquet",  # the 1,209-example DeepScaleR subset the examples were picked from
+}
+
+
+def one_shot(
+    source: str | None = None, example: str = "pi1", folder: str = "../shared/data/one_shot_rlvr",
+    drop_unlabeled: bool = False,
+) -> list[Example]:
     """verl-schema parquet: `prompt` (chat turns; the last user turn is the question) and
-    `reward_model.ground_truth`."""
+    `reward_model.ground_truth`. `source` names a file; else `example` picks one of ONE_SHOT_SETS.
+
+    A row with an empty ground truth can never be rewarded, so it is an error unless
+    `drop_unlabeled` (dsr_sub as published has one, row 266)."""
     import pyarrow.parquet as pq
 
+    if source is None:
+        if example not in ONE_SHOT_SETS:
+            raise ValueError(f"data.example={example!r}; choose one of {list(ONE_SHOT_SETS)}")
+        source = str(Path(folder) / ONE_SHOT_SETS[example])
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"data.source: no parquet file at {path}")
@@ -103,14 +133,23 @@ def one_shot(source: str) -> list[Example]:
     if missing:
         raise DataError(f"{path}: missing column(s) {sorted(missing)}; verl schema needs 'prompt' and "
                         f"'reward_model.ground_truth', found {table.column_names}")
-    examples = []
+    examples, dropped = [], []
     for number, row in enumerate(table.select(["prompt", "reward_model"]).to_pylist(), start=1):
         where = f"{path} row {number}"
         turns = [t for t in row["prompt"] or [] if isinstance(t, dict) and t.get("role") == "user"]
         if not turns:
             raise DataError(f"{where}: field 'prompt' has no user turn")
-        examples.append(Example(_require(turns[-1], "content", where + " prompt"),
-                                _require(row["reward_model"] or {}, "ground_truth", where + " reward_model")))
+        label = (row["reward_model"] or {}).get("ground_truth")
+        if drop_unlabeled and (label is None or not str(label).strip()):
+            dropped.append(number)
+            continue
+        try:
+            answer = _require(row["reward_model"] or {}, "ground_truth", where + " reward_model")
+        except DataError as e:
+            raise DataError(f"{e} (data.drop_unlabeled=true skips such rows)") from None
+        examples.append(Example(_require(turns[-1], "content", where + " prompt"), answer))
+    if dropped:
+        log.warning("%s: dropped %d row(s) with an empty ground truth: %s", path, len(dropped), dropped[:20])
     if not examples:
         raise DataError(f"{path}: no rows")
     return examples
@@ -145,6 +184,49 @@ def load_examples(kind: str, limit: int | None = None, **options: Any) -> list[E
     if kind not in SOURCES:
         raise ValueError(f"data.kind={kind!r}; choose one of {sorted(SOURCES)}")
     examples = SOURCES[kind](**options)
+    return examples[:limit] if limit else examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation sets
+# ---------------------------------------------------------------------------------------------
+
+
+def benchmark_example(row: dict, where: str) -> Example:
+    """One evaluation row in any schema of the Qwen2.5-Math harness (math500, aime24/25, amc23,
+    minerva_math, olympiadbench) or GSM8K's. Question: `problem`, else `question` (after
+    olympiadbench's `context`). Answer: `answer`, else `final_answer` (a list), else the last
+    `\\boxed{}` of `solution` (minerva_math has no answer field)."""
+    from rlvr.rewards import last_boxed
+
+    question = row.get("problem") or row.get("question")
+    if not question:
+        raise DataError(f"{where}: missing question; expected field 'problem' or 'question'")
+    if row.get("context"):
+        question = f"{row['context']}\n\n{question}"
+    answer = row.get("answer")
+    if answer is None and row.get("final_answer"):
+        final = row["final_answer"]
+        answer = ", ".join(final) if isinstance(final, list) else final
+        answer = str(answer).replace("$", "")  # olympiadbench writes "$69$,$84$"
+    if answer is None and row.get("solution"):
+        answer = last_boxed(str(row["solution"]))
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)  # amc23 stores 27.0
+    if answer is None or not str(answer).strip():
+        raise DataError(f"{where}: missing answer; expected field 'answer', 'final_answer' or a \\boxed{{}} in 'solution'")
+    return Example(str(question), str(answer))
+
+
+def load_benchmark(source: str, limit: int | None = None) -> list[Example]:
+    """An evaluation set from a local jsonl, or a hub dataset id (its `test` split)."""
+    if Path(source).exists():
+        examples = [benchmark_example(row, where) for where, row in iter_jsonl(source)]
+    else:
+        from datasets import load_dataset
+
+        rows = load_dataset(source, split="test")
+        examples = [benchmark_example(dict(row), f"{source}[test] row {i}") for i, row in enumerate(rows, start=1)]
     return examples[:limit] if limit else examples
 
 

@@ -90,6 +90,21 @@ class HFEngine:
                     target.copy_(tensor)
 
 
+ENGINES = ("hf",)
+
+
+def make_engine(name: str, model: nn.Module, pad_token_id: int, eos_token_id: int | list[int], batch_size: int = 64) -> RolloutEngine:
+    """The engine `rollout.engine` names, generating with `model`."""
+    if name not in ENGINES:
+        raise ValueError(f"rollout.engine={name!r}; choose one of {list(ENGINES)}")
+    return HFEngine(model, pad_token_id, eos_token_id, batch_size)
+
+
+def truncated(completion: list[int], eos_token_ids: list[int]) -> bool:
+    """Cut at max_new_tokens rather than stopped by the model."""
+    return not completion or completion[-1] not in eos_token_ids
+
+
 def _cut_at_eos(tokens: list[int], eos_token_ids: list[int]) -> list[int]:
     """Keep the first EOS (the policy must learn to stop) and drop the padding after it."""
     for i, token in enumerate(tokens):

@@ -119,3 +119,23 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, dtype: torch
         trust_remote_code=spec.trust_remote_code,
         attn_implementation=spec.attn_implementation,
     )
+
+
+def load_checkpoint_policy(
+    path: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[ModelSpec, PreTrainedTokenizerBase, PreTrainedModel]:
+    """The policy saved in an rlvr Lightning checkpoint, rebuilt from the model spec it records."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    spec = (state.get("hyper_parameters") or {}).get("model")
+    if not spec:
+        raise ValueError(f"{path}: not an rlvr training checkpoint (no model spec in its hyper_parameters)")
+    spec = ModelSpec(**spec)
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, dtype)
+    prefix = "policy."
+    weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(weights)
+    return spec, tokenizer, model

@@ -19,7 +19,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from rlvr import grpo
+from rlvr import engine, grpo
 from rlvr.rewards import RewardBatch, pearson
 
 
@@ -83,7 +83,7 @@ def pack_rollout(
         input_ids[row, width_p : width_p + len(completion)] = torch.tensor(completion, dtype=torch.long)
         attention_mask[row, width_p - len(prompt) : width_p + len(completion)] = 1
         response_mask[row, : len(completion)] = 1.0
-        truncated[row] = not completion or completion[-1] not in eos_ids
+        truncated[row] = engine.truncated(completion, eos_ids)
     return Rollout(input_ids, attention_mask, response_mask, truncated, rewards)
 
 
@@ -98,7 +98,9 @@ REWARD_KEYS = ("verify", "format", "reflect", "total", "accuracy")
 
 
 class GRPOModule(L.LightningModule):
-    def __init__(self, policy: nn.Module, config: GRPOConfig, batch_size: int) -> None:
+    def __init__(self, policy: nn.Module, config: GRPOConfig, batch_size: int, model_spec: dict | None = None) -> None:
+        """`model_spec` (what rlvr.models.ModelSpec holds) goes into the checkpoint, so that
+        `rlvr.evaluate` can rebuild the policy from the checkpoint file alone."""
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
@@ -107,7 +109,7 @@ class GRPOModule(L.LightningModule):
         self.updates_per_step = config.updates_per_step(batch_size)
         self._reference = _Frozen(copy.deepcopy(policy)) if config.kl_coef > 0 else None
         self.reward_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in REWARD_KEYS})
-        self.save_hyperparameters({"grpo": asdict(config), "batch_size": batch_size})
+        self.save_hyperparameters({"grpo": asdict(config), "batch_size": batch_size, "model": model_spec})
 
     def configure_optimizers(self):
         c = self.config

@@ -8,6 +8,7 @@ optimizes. Training logic lives in rlvr.module, rollouts in callbacks.rollout.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -18,15 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.progress import StepProgressBar
 from callbacks.rollout import RolloutCallback
-from rlvr.data import PromptDataModule, load_examples
-from rlvr.engine import HFEngine, SamplingParams
+from callbacks.validation import ValidationCallback
+from rlvr.data import PromptDataModule, load_benchmark, load_examples
+from rlvr.engine import RolloutEngine, SamplingParams, make_engine
+from rlvr.evaluate import benchmark_source
 from rlvr.loggers import ResumableCSVLogger
 from rlvr.models import ModelSpec, load_model, load_tokenizer
 from rlvr.module import GRPOConfig, GRPOModule
 from rlvr.rewards import RewardScorer, weights_from_env
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-ENGINES = ("hf",)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -37,6 +39,15 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
     return str(path)
+
+
+def validation(cfg: DictConfig, engine: RolloutEngine, scorer: RewardScorer, tokenizer, steps: int) -> ValidationCallback:
+    v = cfg.validation
+    sources = OmegaConf.to_container(cfg.benchmark_sources, resolve=True)
+    benchmarks = {name: load_benchmark(benchmark_source(name, sources), limit=v.limit) for name in v.benchmarks}
+    sampling = SamplingParams(1, v.temperature, cfg.rollout.top_p, v.max_new_tokens)
+    return ValidationCallback(benchmarks, engine, scorer, tokenizer, sampling, every=v.every, total_steps=steps,
+                              seed=cfg.seed, system_prompt=cfg.prompt.system, instruction=cfg.prompt.instruction)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -64,11 +75,10 @@ def train(cfg: DictConfig) -> float | None:
         n=sampling.n, temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens,
         **cfg.grpo, **cfg.optim,
     )
-    module = GRPOModule(policy, grpo_config, batch_size=cfg.batch_size)
+    module = GRPOModule(policy, grpo_config, batch_size=cfg.batch_size, model_spec=asdict(spec))
 
-    if cfg.rollout.engine not in ENGINES:
-        raise ValueError(f"rollout.engine={cfg.rollout.engine!r}; choose one of {list(ENGINES)}")
-    engine = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.rollout.generate_batch_size)
+    engine = make_engine(cfg.rollout.engine, policy, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                         cfg.rollout.generate_batch_size)
     weights = weights_from_env((cfg.reward.alpha, cfg.reward.beta, cfg.reward.gamma))
     scorer = RewardScorer(weights, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
 
@@ -82,7 +92,12 @@ def train(cfg: DictConfig) -> float | None:
         max_steps=steps * updates,
         max_epochs=-1,
         logger=ResumableCSVLogger(str(output_dir)),
-        callbacks=[RolloutCallback(engine, scorer, tokenizer, sampling, seed=cfg.seed), checkpoint, StepProgressBar(steps)],
+        callbacks=[
+            RolloutCallback(engine, scorer, tokenizer, sampling, seed=cfg.seed),  # pushes weights; keep it first
+            *([validation(cfg, engine, scorer, tokenizer, steps)] if cfg.validation.benchmarks else []),
+            checkpoint,
+            StepProgressBar(steps),
+        ],
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         enable_model_summary=False,

@@ -123,3 +123,21 @@ def test_datamodule_drops_overlong_prompts_and_tracks_its_position():
     short = PromptDataModule(examples, tiny_tokenizer(), batch_size=4, max_prompt_tokens=5)
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         short.setup()
+
+
+@pytest.mark.parametrize(("example", "unique"), [("pi1", 1), ("pi13", 1), ("pi1_pi13", 2), ("pi1_pi2_pi13_pi1209", 4)])
+def test_one_shot_sets_by_name(example, unique):
+    rows = one_shot(example=example, folder=str(SHARED / "data/one_shot_rlvr"))
+    assert len(rows) == 128 and len({r.question for r in rows}) == unique
+
+
+def test_dsr_sub_names_its_unlabeled_row_and_can_drop_it():
+    folder = str(SHARED / "data/one_shot_rlvr")
+    with pytest.raises(DataError, match="dsr_sub.parquet row 266 reward_model: .*ground_truth.*drop_unlabeled"):
+        one_shot(example="dsr_sub", folder=folder)
+    assert len(one_shot(example="dsr_sub", folder=folder, drop_unlabeled=True)) == 1208
+
+
+def test_an_unknown_one_shot_set_lists_the_choices():
+    with pytest.raises(ValueError, match="data.example='pi7'.*pi1_pi13"):
+        one_shot(example="pi7")

@@ -45,6 +45,16 @@ def test_profiles_pick_their_model_and_the_command_line_wins():
     assert config("mode=ultra-quick").data.limit == 512
 
 
+def test_the_one_shot_experiment_sets_the_papers_run():
+    cfg = config("experiment=one_shot_pi1")
+    assert cfg.model.name == "Qwen/Qwen2.5-Math-1.5B" and cfg.trainer.precision == "bf16-mixed"
+    assert (cfg.data.kind, cfg.data.example, cfg.batch_size, cfg.rollout.n) == ("one_shot", "pi1", 128, 8)
+    assert (cfg.optim.lr, cfg.grpo.kl_coef, cfg.grpo.entropy_coef) == (1e-6, 0.001, 0.001)
+    assert (cfg.rollout.max_new_tokens, cfg.rollout.temperature) == (3072, 0.6)
+    assert list(cfg.validation.benchmarks) == ["math500"]
+    assert config("experiment=one_shot_pi1", "data.example=pi13").data.example == "pi13"
+
+
 def test_unknown_mode_lists_the_choices():
     with pytest.raises(MissingConfigException, match="dry-run"):
         config("mode=fast")
