@@ -191,7 +191,9 @@ def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run every benchmark in `cfg.benchmarks`, write the JSON and samples, print the table."""
-    device, dtype = _device_and_dtype(cfg)
+    sources = OmegaConf.to_container(cfg.benchmark_sources, resolve=True)
+    benchmarks = {name: load_benchmark(benchmark_source(name, sources), limit=cfg.limit) for name in cfg.benchmarks}
+    device, dtype = _device_and_dtype(cfg)  # the data is read first: a bad file fails before the model loads
     if cfg.checkpoint:
         spec, tokenizer, model = load_checkpoint_policy(cfg.checkpoint, dtype)
     else:
@@ -201,15 +203,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model.to(device).eval()
     engine = make_engine(cfg.rollout.engine, model, tokenizer.pad_token_id, tokenizer.eos_token_id,
                          cfg.rollout.generate_batch_size)
-    sources = OmegaConf.to_container(cfg.benchmark_sources, resolve=True)
     per_benchmark_k = OmegaConf.to_container(cfg.samples_per_benchmark, resolve=True)
     output = Path(cfg.output or Path(cfg.output_dir) / "eval.json")
     output.parent.mkdir(parents=True, exist_ok=True)
 
     results, samples = [], []
     with RewardScorer(timeout=cfg.reward.timeout, workers=cfg.reward.workers) as scorer:
-        for name in cfg.benchmarks:
-            examples = load_benchmark(benchmark_source(name, sources), limit=cfg.limit)
+        for name, examples in benchmarks.items():
             params = SamplingParams(per_benchmark_k.get(name, cfg.samples), cfg.sampling.temperature,
                                     cfg.sampling.top_p, cfg.sampling.max_new_tokens)
             seed = cfg.seed * 1_000_003 + zlib.crc32(name.encode())  # its own draws per benchmark
