@@ -330,6 +330,11 @@ class PromptDataModule(L.LightningDataModule):
         self.dataset = PromptDataset([self.examples[i] for i in keep], [ids[i] for i in keep])
 
     @property
+    def longest_prompt(self) -> int:
+        assert self.dataset is not None, "call setup() first"
+        return max(len(p) for p in self.dataset.prompt_ids)
+
+    @property
     def batches_per_epoch(self) -> int:
         assert self.dataset is not None, "call setup() first"
         return len(self.dataset) // self.batch_size

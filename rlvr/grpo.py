@@ -15,11 +15,12 @@ Shapes: B sequences, T response tokens, V vocabulary. Masks are 1.0 on response 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+LOSS_AGGS = get_args(LossAgg)
 
 
 def group_advantages(rewards: torch.Tensor, n: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:

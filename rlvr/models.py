@@ -125,10 +125,10 @@ def load_checkpoint_policy(
     path: str | Path, dtype: torch.dtype = torch.float32
 ) -> tuple[ModelSpec, PreTrainedTokenizerBase, PreTrainedModel]:
     """The policy saved in an rlvr Lightning checkpoint, rebuilt from the model spec it records."""
+    from rlvr.checkpoints import load
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = load(path, mmap=True)
     spec = (state.get("hyper_parameters") or {}).get("model")
     if not spec:
         raise ValueError(f"{path}: not an rlvr training checkpoint (no model spec in its hyper_parameters)")
@@ -139,3 +139,12 @@ def load_checkpoint_policy(
     weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(weights)
     return spec, tokenizer, model
+
+
+def check_context(model: PreTrainedModel, prompt_tokens: int, new_tokens: int) -> None:
+    """Reject a response limit that would run past the model's position embeddings."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + new_tokens > context:
+        raise ValueError(
+            f"rollout.max_new_tokens={new_tokens} plus the longest prompt ({prompt_tokens} tokens) exceeds the "
+            f"model's context of {context} tokens; lower rollout.max_new_tokens or data.max_prompt_tokens")

@@ -7,14 +7,21 @@ first update; when there is a single update per step the policy is still the one
 so the ratio is exactly 1 and the extra forward pass is skipped. The reference model for the KL
 term is a frozen copy of the initial policy, held only when kl_coef > 0, and never checkpointed
 (resume rebuilds it from the same source as the initial weights).
+
+An update whose loss or gradient is not finite is skipped: its gradients are dropped before the
+optimizer step, so neither the weights nor AdamW's moments see it. It is counted, and too many in a
+row stop the run. The checkpoint also carries every RNG state and those counters.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import random
 from dataclasses import asdict, dataclass
 
 import lightning as L
+import numpy as np
 import torch
 import torchmetrics
 from torch import nn
@@ -42,11 +49,30 @@ class GRPOConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
     warmup_steps: int = 0  # updates of linear warm-up, then constant
+    max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
+
+    def __post_init__(self) -> None:
+        """Reject settings that cannot train, naming the config key and the reason."""
+        if self.n < 2:
+            raise ValueError(f"rollout.n={self.n}: GRPO compares samples within a group, so it needs n >= 2")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature={self.temperature}: training needs sampling (> 0); greedy "
+                             "samples of a group are identical and give no signal")
+        for key in ("ppo_epochs", "micro_batch_size", "max_new_tokens", "max_consecutive_skips"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"grpo.{key}={getattr(self, key)} must be at least 1")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"grpo.mini_batch_size={self.mini_batch_size} must be at least 1 (or null)")
+        if self.loss_agg not in grpo.LOSS_AGGS:
+            raise ValueError(f"grpo.loss_agg={self.loss_agg!r}; choose one of {list(grpo.LOSS_AGGS)}")
+        if self.clip_low < 0 or self.clip_high < 0 or self.kl_coef < 0 or self.lr <= 0:
+            raise ValueError("grpo.clip_low, grpo.clip_high and grpo.kl_coef must be >= 0, and optim.lr > 0")
 
     def updates_per_step(self, batch_size: int) -> int:
         mini = self.mini_batch_size or batch_size
         if batch_size % mini:
-            raise ValueError(f"batch_size {batch_size} is not divisible by mini_batch_size {mini}")
+            raise ValueError(f"batch_size={batch_size} is not divisible by grpo.mini_batch_size={mini}: "
+                             "a mini-batch must hold whole groups of the batch")
         return self.ppo_epochs * (batch_size // mini)
 
 
@@ -109,6 +135,8 @@ class GRPOModule(L.LightningModule):
         self.updates_per_step = config.updates_per_step(batch_size)
         self._reference = _Frozen(copy.deepcopy(policy)) if config.kl_coef > 0 else None
         self.reward_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in REWARD_KEYS})
+        self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, in all
+        self.consecutive_skips = 0
         self.save_hyperparameters({"grpo": asdict(config), "batch_size": batch_size, "model": model_spec})
 
     def configure_optimizers(self):
@@ -176,17 +204,65 @@ class GRPOModule(L.LightningModule):
                 num_tokens = float(sum(rollout.response_mask[rows].sum() for rows in mini))
                 num_seqs = float(sum(len(rows) for rows in mini))
                 optimizer.zero_grad()
+                update_loss = 0.0
                 for rows in mini:
                     start = int(rows[0])
                     stats = self._micro_step(rollout, rows, advantages, old_logp.get(start), ref_logp.get(start),
                                              num_tokens, num_seqs)
+                    update_loss += stats["loss"]
                     for key, value in stats.items():
                         sums[key] += value / self.updates_per_step
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
                 sums["grad_norm"] += float(grad_norm) / self.updates_per_step
-                optimizer.step()
+                if not (math.isfinite(float(grad_norm)) and math.isfinite(update_loss)):
+                    self._skip_update(optimizer, float(grad_norm), update_loss, batch["step"])
+                else:
+                    self.consecutive_skips = 0
+                optimizer.step()  # after a skip no parameter has a gradient, so AdamW leaves all as they are
                 scheduler.step()
         self._log_step(sums, rollout, rewards)
+
+    def _skip_update(self, optimizer, grad_norm: float, loss: float, step: int) -> None:
+        """Drop this update's gradients (a non-finite value would poison AdamW's moments for good)
+        and count it; too many in a row means training has diverged, so stop."""
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped_updates += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.config.max_consecutive_skips:
+            raise FloatingPointError(
+                f"{self.consecutive_skips} updates in a row had a non-finite loss or gradient (GRPO step {step}: "
+                f"loss {loss}, grad norm {grad_norm}); stopping. The last checkpoint holds the weights before "
+                "them; lower optim.lr or raise grpo.max_consecutive_skips to go on.")
+
+    # -- checkpoint state ----------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The skip counters and every RNG state (plain containers and tensors: loads with weights_only)."""
+        numpy_state = np.random.get_state()
+        checkpoint["rlvr"] = {
+            "skipped_updates": self.skipped_updates,
+            "consecutive_skips": self.consecutive_skips,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
+                "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rlvr")
+        if state is None:
+            return
+        self.skipped_updates = state["skipped_updates"]
+        self.consecutive_skips = state["consecutive_skips"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
     def _micro_step(self, rollout: Rollout, rows: torch.Tensor, advantages: torch.Tensor,
                     old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
@@ -215,6 +291,7 @@ class GRPOModule(L.LightningModule):
         for key, value in sums.items():
             self.log(f"train/{key}", value, prog_bar=key == "loss", **log)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], **log)
+        self.log("train/skipped_updates", float(self.skipped_updates), **log)
         tied = grpo.tied_groups(rewards, self.config.n).float().mean()
         self.log("train/tied_groups", float(tied), **log)
         lengths = rollout.response_mask.sum(dim=1)

@@ -18,6 +18,7 @@ import multiprocessing.connection
 import os
 import re
 import signal
+import sys
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -246,7 +247,19 @@ def _on_alarm(signum, frame):  # noqa: ARG001
     raise _Timeout
 
 
-def _worker_init() -> None:
+def _die_with(parent: int) -> None:
+    """Ask Linux to SIGKILL this worker when the trainer dies, even by SIGKILL, so no worker
+    outlives it (and holds its output pipes open)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the trainer died before the request took effect
+        os._exit(1)
+
+
+def _worker_init(parent: int) -> None:
+    _die_with(parent)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     signal.signal(signal.SIGALRM, _on_alarm)
     _parse_gold("1")  # import sympy and the parser once, before the first real task
@@ -269,8 +282,8 @@ def _verify_chunk(items: list[tuple[str, str]], timeout: float) -> list[tuple[fl
     return [_verify_limited(response, truth, timeout) for response, truth in items]
 
 
-def _isolated(response: str, ground_truth: str, timeout: float, out) -> None:
-    _worker_init()
+def _isolated(response: str, ground_truth: str, timeout: float, parent: int, out) -> None:
+    _worker_init(parent)
     out.send(_verify_limited(response, ground_truth, timeout))
 
 
@@ -301,7 +314,8 @@ class RewardScorer:
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp.get_context("spawn"), initializer=_worker_init)
+            self._pool = ProcessPoolExecutor(self.workers, mp.get_context("spawn"), initializer=_worker_init,
+                                             initargs=(os.getpid(),))
         return self._pool
 
     def close(self) -> None:
@@ -365,7 +379,7 @@ class RewardScorer:
         """One response in its own process, killed if it overruns: the slow path after a stall."""
         ctx = mp.get_context("spawn")
         receive, send = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_isolated, args=(response, ground_truth, self.timeout, send), daemon=True)
+        process = ctx.Process(target=_isolated, args=(response, ground_truth, self.timeout, os.getpid(), send), daemon=True)
         process.start()
         # Start-up (imports) plus the time limit; a process that dies first counts as a timeout.
         ready = mp.connection.wait([receive, process.sentinel], timeout=self.timeout + 30.0)

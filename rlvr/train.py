@@ -8,6 +8,7 @@ optimizes. Training logic lives in rlvr.module, rollouts in callbacks.rollout.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,25 +21,18 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.progress import StepProgressBar
 from callbacks.rollout import RolloutCallback
 from callbacks.validation import ValidationCallback
+from rlvr.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from rlvr.data import PromptDataModule, load_benchmark, load_examples
 from rlvr.engine import RolloutEngine, SamplingParams, make_engine
 from rlvr.evaluate import benchmark_source
 from rlvr.loggers import ResumableCSVLogger
-from rlvr.models import ModelSpec, load_model, load_tokenizer
+from rlvr.models import ModelSpec, check_context, load_model, load_tokenizer
 from rlvr.module import GRPOConfig, GRPOModule
 from rlvr.rewards import RewardScorer, weights_from_env
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`last` means output_dir/checkpoints/last.ckpt; anything else must be an existing file."""
-    if ckpt_path is None:
-        return None
-    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
-    return str(path)
+# Lightning warns that manual optimization saves the weights after the update: that is what resume needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def validation(cfg: DictConfig, engine: RolloutEngine, scorer: RewardScorer, tokenizer, steps: int) -> ValidationCallback:
@@ -68,6 +62,7 @@ def train(cfg: DictConfig) -> float | None:
         max_prompt_tokens=max_prompt_tokens, system_prompt=cfg.prompt.system, instruction=cfg.prompt.instruction,
     )
     datamodule.setup()
+    check_context(policy, datamodule.longest_prompt, cfg.rollout.max_new_tokens)
     steps = cfg.steps if cfg.steps is not None else cfg.epochs * datamodule.batches_per_epoch
 
     sampling = SamplingParams(cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
@@ -85,7 +80,7 @@ def train(cfg: DictConfig) -> float | None:
     updates = module.updates_per_step  # optimizer steps per GRPO step; Lightning counts the former
     checkpoint = ModelCheckpoint(
         dirpath=output_dir / "checkpoints", filename="step-{step}", every_n_train_steps=cfg.save_every * updates,
-        save_last=True, save_top_k=cfg.keep_checkpoints, monitor="step", mode="max",
+        save_last=True, save_top_k=cfg.keep_checkpoints, monitor="step", mode="max", auto_insert_metric_name=False,
     )
     trainer = L.Trainer(
         **cfg.trainer,
@@ -102,9 +97,10 @@ def train(cfg: DictConfig) -> float | None:
         num_sanity_val_steps=0,
         enable_model_summary=False,
         default_root_dir=output_dir,
+        plugins=[AtomicCheckpointIO()],
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         scorer.close()
     metric = trainer.callback_metrics.get(cfg.optimized_metric)

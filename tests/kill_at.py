@@ -1,0 +1,70 @@
+"""Run training and SIGKILL it at a chosen point (tests/test_faults.py drives this).
+
+    python tests/kill_at.py POINT STEP key=value ...
+
+POINT is where, during GRPO step STEP (0-based), the process kills itself:
+  generate    after the engine has generated a chunk of the step's rollouts
+  update      after the first backward of the step's update, before the optimizer step
+  checkpoint  halfway through writing the checkpoint file after the step
+"""
+
+import os
+import signal
+import sys
+
+import torch
+
+from rlvr import module
+from rlvr.engine import HFEngine
+from rlvr.train import main
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def current_step(pl_module) -> int:
+    return pl_module.trainer.datamodule.next_step - 1
+
+
+# Everything below runs only in the trainer: the reward workers are spawned and import this file again.
+if __name__ == "__main__":
+    point, step = sys.argv[1], int(sys.argv[2])
+    sys.argv = [sys.argv[0], *sys.argv[3:]]
+
+    if point == "generate":
+        original_generate = HFEngine.generate
+
+        def generate(self, prompts, params, seed):
+            if seed % 1_000_003 == step:  # the rollout callback seeds with seed * 1_000_003 + step
+                original_chunk = self._generate
+                self._generate = lambda *a: (original_chunk(*a), die())[0]
+            return original_generate(self, prompts, params, seed)
+
+        HFEngine.generate = generate
+    elif point == "update":
+        original_micro_step = module.GRPOModule._micro_step
+
+        def micro_step(self, *args, **kwargs):
+            stats = original_micro_step(self, *args, **kwargs)
+            if current_step(self) == step:
+                die()
+            return stats
+
+        module.GRPOModule._micro_step = micro_step
+    elif point == "checkpoint":
+        original_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if isinstance(obj, dict) and obj.get("global_step") == step + 1 and hasattr(f, "write"):
+                f.write(b"PK\x03\x04" + b"\0" * 4096)  # the start of a zip file, then nothing
+                f.flush()
+                die()
+            return original_save(obj, f, *args, **kwargs)
+
+        torch.save = save
+    else:
+        raise SystemExit(f"unknown point {point!r}")
+
+    main()
