@@ -231,8 +231,8 @@ class GRPOModule(L.LightningModule):
         if self.consecutive_skips >= self.config.max_consecutive_skips:
             raise FloatingPointError(
                 f"{self.consecutive_skips} updates in a row had a non-finite loss or gradient (GRPO step {step}: "
-                f"loss {loss}, grad norm {grad_norm}); stopping. The last checkpoint holds the weights before "
-                "them; lower optim.lr or raise grpo.max_consecutive_skips to go on.")
+                f"loss {loss}, grad norm {grad_norm}); stopping. The last checkpoint predates them; "
+                "lower optim.lr or raise grpo.max_consecutive_skips to go on.")
 
     # -- checkpoint state ----------------------------------------------------------------------
 
