@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 from transformers import PreTrainedTokenizerBase
 
-from rlvr.engine import RolloutEngine, SamplingParams
+from rlvr.engine import RolloutEngine, SamplingParams, eos_ids
 from rlvr.module import pack_rollout
 from rlvr.rewards import RewardScorer
 
@@ -32,8 +32,7 @@ class RolloutCallback(L.Callback):
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.seed = seed
-        eos = tokenizer.eos_token_id
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        self.eos_ids = eos_ids(tokenizer.eos_token_id)
         self.samples_generated = 0
         self.tokens_generated = 0
 

@@ -23,10 +23,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read, named with what to do instead."""
 
 
+def checkpoints_in(folder: Path) -> list[Path]:
+    """The .ckpt files in `folder`, newest first."""
+    return sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def earlier_checkpoints(path: Path) -> list[Path]:
     """The other .ckpt files beside `path`, newest first."""
-    others = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve()]
-    return sorted(others, key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p for p in checkpoints_in(path.parent) if p.resolve() != path.resolve()]
 
 
 def _unreadable(path: Path, reason: str) -> CheckpointError:
@@ -74,7 +78,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            intact = [p.name for p in sorted(path.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)]
+            intact = [p.name for p in checkpoints_in(path.parent)]
             kept = f"the checkpoints already there are intact: {', '.join(intact)}" if intact else "no earlier checkpoint exists"
             raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}") from e
         directory = os.open(path.parent, os.O_RDONLY)

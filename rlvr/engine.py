@@ -42,7 +42,7 @@ class HFEngine:
     def __init__(self, model: nn.Module, pad_token_id: int, eos_token_id: int | list[int], batch_size: int = 64) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
-        self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos_token_ids = eos_ids(eos_token_id)
         self.batch_size = batch_size  # prompts per `generate` call, to bound the KV cache
 
     @torch.no_grad()
@@ -98,6 +98,11 @@ def make_engine(name: str, model: nn.Module, pad_token_id: int, eos_token_id: in
     if name not in ENGINES:
         raise ValueError(f"rollout.engine={name!r}; choose one of {list(ENGINES)}")
     return HFEngine(model, pad_token_id, eos_token_id, batch_size)
+
+
+def eos_ids(eos_token_id: int | list[int]) -> list[int]:
+    """A tokenizer's or config's EOS id(s) as a list (some models stop on several tokens)."""
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
 def truncated(completion: list[int], eos_token_ids: list[int]) -> bool:

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from rlvr.data import Example, build_prompt, load_benchmark
-from rlvr.engine import RolloutEngine, SamplingParams, make_engine, truncated
+from rlvr.engine import RolloutEngine, SamplingParams, eos_ids, make_engine, truncated
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, load_tokenizer
 from rlvr.rewards import RewardScorer, last_boxed
 
@@ -133,21 +133,21 @@ def evaluate_benchmark(
     graded = scorer(responses, truths)
     seconds = time.perf_counter() - began
 
-    eos = tokenizer.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos)
+    stop = eos_ids(tokenizer.eos_token_id)
+    cut = [truncated(c, stop) for c in completions]
     boxed = [last_boxed(r) for r in responses]
     correct = graded.correct.tolist()
     per_problem = lambda xs: [xs[i * k : (i + 1) * k] for i in range(len(examples))]  # noqa: E731
     signals = {s: float(getattr(graded, s).mean()) for s in ("verify", "format", "reflect")}
     result = summarize(
         name, k, per_problem([bool(c) for c in correct]), per_problem(boxed), signals,
-        [len(c) for c in completions], [truncated(c, eos_ids) for c in completions], seconds,
+        [len(c) for c in completions], cut, seconds,
     )
     samples = [
         {"benchmark": name, "problem": i // k, "sample": i % k, "question": examples[i // k].question,
          "ground_truth": truths[i], "response": responses[i], "answer": boxed[i],
          "verify": float(graded.verify[i]), "format": float(graded.format[i]), "reflect": float(graded.reflect[i]),
-         "tokens": len(completions[i]), "truncated": truncated(completions[i], eos_ids)}
+         "tokens": len(completions[i]), "truncated": cut[i]}
         for i in range(len(responses))
     ]
     return result, samples
