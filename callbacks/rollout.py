@@ -47,6 +47,11 @@ class RolloutCallback(L.Callback):
         rewards = self.scorer(texts, truths)
         scored = time.perf_counter()
         batch["rollout"] = pack_rollout(prompts, completions, n, self.tokenizer.pad_token_id, self.eos_ids, rewards)
+        batch["samples"] = {  # for callbacks.samples; cheap, the texts are already decoded
+            "prompts": self.tokenizer.batch_decode(prompts, skip_special_tokens=True), "responses": texts,
+            "truths": list(batch["answer"]),
+            "rewards": {"verify": rewards.verify, "format": rewards.format, "reflect": rewards.reflect, "total": rewards.total},
+        }
         tokens = sum(len(c) for c in completions)
         self.samples_generated += len(completions)
         self.tokens_generated += tokens

@@ -137,7 +137,8 @@ class GRPOModule(L.LightningModule):
         self.reward_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in REWARD_KEYS})
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, in all
         self.consecutive_skips = 0
-        self.save_hyperparameters({"grpo": asdict(config), "batch_size": batch_size, "model": model_spec})
+        # logger=False: the loggers get the whole resolved config from train.py instead
+        self.save_hyperparameters({"grpo": asdict(config), "batch_size": batch_size, "model": model_spec}, logger=False)
 
     def configure_optimizers(self):
         c = self.config

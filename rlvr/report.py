@@ -1,9 +1,11 @@
-"""Plots of a training run: `python -m rlvr.report RUN_DIR [--out DIR]`.
+"""Plots of a training run, or of a multirun's jobs side by side: `python -m rlvr.report DIR [--out DIR]`.
 
-Reads RUN_DIR/metrics.csv (several rows may share a step: validation writes its own) and draws,
-over GRPO steps: each reward signal, training and validation accuracy, response length, the KL to
-the reference, and validation accuracy per benchmark. Writes PNGs (default: RUN_DIR/plots/) and
-prints the last value of the main metrics.
+For one run, reads DIR/metrics.csv (several rows may share a step: validation writes its own) and
+draws, over GRPO steps: each reward signal, training and validation accuracy, response length, the
+KL to the reference, and validation accuracy per benchmark; it prints the first and last value of
+the main metrics. For a Hydra multirun folder (`python -m rlvr.train -m reward.beta=0,0.5`), it
+prints one row per job (the overrides that differ between jobs, and each job's final metrics) and
+draws each metric with one curve per job. PNGs go to DIR/plots/ unless --out says otherwise.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import csv
 import math
 from pathlib import Path
+
+import yaml
 
 import matplotlib
 
@@ -94,14 +98,79 @@ def summary(series: Series) -> str:
     return "\n".join(lines)
 
 
+# -- a multirun: one row and one curve per job ----------------------------------------------
+
+
+def job_dirs(folder: str | Path) -> list[Path]:
+    """The job folders of a Hydra multirun (0/, 1/, ...: each holds metrics.csv), in job order."""
+    jobs = [d for d in Path(folder).iterdir() if d.is_dir() and (d / "metrics.csv").is_file()]
+    return sorted(jobs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+
+
+def job_labels(jobs: list[Path]) -> list[str]:
+    """Each job's command-line overrides (.hydra/overrides.yaml), less those all jobs share."""
+    overrides = []
+    for job in jobs:
+        path = job / ".hydra" / "overrides.yaml"
+        overrides.append(list(yaml.safe_load(path.read_text()) or []) if path.is_file() else [])
+    shared = set.intersection(*(set(o) for o in overrides)) if len(overrides) > 1 else set()
+    return [" ".join(o for o in job if o not in shared) or job_dir.name for job, job_dir in zip(overrides, jobs)]
+
+
+def compare_table(labels: list[str], runs: list[Series]) -> str:
+    """One row per job: its overrides, steps run, and the last value of each summary metric."""
+    names = matching({k: v for run in runs for k, v in run.items()}, SUMMARY)
+    width = max(len("job"), *(len(label) for label in labels)) + 2
+    lines = [f"{'job':<{width}}{'steps':>6}" + "".join(f"{name:>{max(len(name), 8) + 2}}" for name in names)]
+    for label, run in zip(labels, runs):
+        steps = max((p[-1][0] for p in run.values()), default=-1) + 1
+        cells = "".join(f"{run[name][-1][1] if name in run else float('nan'):>{max(len(name), 8) + 2}.4g}"
+                        for name in names)
+        lines.append(f"{label:<{width}}{steps:>6}{cells}")
+    return "\n".join(lines)
+
+
+def draw_compare(labels: list[str], runs: list[Series], out_dir: str | Path) -> list[Path]:
+    """Per entry of PLOTS, its metrics side by side, one curve per job in each."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file, (title, ylabel, patterns) in PLOTS.items():
+        names = matching({k: v for run in runs for k, v in run.items()}, patterns)
+        if not names:
+            continue
+        fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            for label, run in zip(labels, runs):
+                if name in run:
+                    steps, values = zip(*run[name])
+                    ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
+            ax.set(title=name, xlabel="GRPO step", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out_dir / file, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / file)
+    return written
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m rlvr.report", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a training run's output_dir (holds metrics.csv)")
+    parser.add_argument("run_dir", help="a training run's output_dir (holds metrics.csv), or a multirun's folder")
     parser.add_argument("--out", help="where the PNGs go (default: RUN_DIR/plots)")
     args = parser.parse_args(argv)
-    series = read_metrics(args.run_dir)
-    written = draw(series, args.out or Path(args.run_dir) / "plots")
-    print(summary(series))
+    out = args.out or Path(args.run_dir) / "plots"
+    if not (Path(args.run_dir) / "metrics.csv").is_file() and Path(args.run_dir).is_dir() and job_dirs(args.run_dir):
+        jobs = job_dirs(args.run_dir)
+        labels, runs = job_labels(jobs), [read_metrics(job) for job in jobs]
+        written = draw_compare(labels, runs, out)
+        print(compare_table(labels, runs))
+    else:
+        series = read_metrics(args.run_dir)
+        written = draw(series, out)
+        print(summary(series))
     print("\nwrote " + ", ".join(str(p) for p in written))
     return written
 

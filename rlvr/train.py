@@ -16,16 +16,19 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.progress import StepProgressBar
 from callbacks.rollout import RolloutCallback
+from callbacks.samples import SamplesCallback
 from callbacks.validation import ValidationCallback
 from rlvr.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from rlvr.data import PromptDataModule, load_benchmark, load_examples
 from rlvr.engine import RolloutEngine, SamplingParams, make_engine
 from rlvr.evaluate import benchmark_source
-from rlvr.loggers import ResumableCSVLogger
+from rlvr.loggers import close_loggers, make_loggers
 from rlvr.models import ModelSpec, check_context, load_model, load_tokenizer
 from rlvr.module import GRPOConfig, GRPOModule
 from rlvr.rewards import RewardScorer, weights_from_env
@@ -42,6 +45,19 @@ def validation(cfg: DictConfig, engine: RolloutEngine, scorer: RewardScorer, tok
     sampling = SamplingParams(1, v.temperature, cfg.rollout.top_p, v.max_new_tokens)
     return ValidationCallback(benchmarks, engine, scorer, tokenizer, sampling, every=v.every, total_steps=steps,
                               seed=cfg.seed, system_prompt=cfg.prompt.system, instruction=cfg.prompt.instruction)
+
+
+def reward_scorer(cfg: DictConfig) -> RewardScorer:
+    """The reward module with the run's weights (a sweep sets reward.alpha/beta/gamma)."""
+    weights = weights_from_env((cfg.reward.alpha, cfg.reward.beta, cfg.reward.gamma))
+    return RewardScorer(weights, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
+
+
+def optimized_metric(cfg: DictConfig) -> str:
+    """What a sweep maximizes: held-out accuracy when validation runs, else training accuracy."""
+    if cfg.optimized_metric:
+        return cfg.optimized_metric
+    return f"val/{cfg.validation.benchmarks[0]}/accuracy" if cfg.validation.benchmarks else "reward/accuracy"
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -74,22 +90,25 @@ def train(cfg: DictConfig) -> float | None:
 
     engine = make_engine(cfg.rollout.engine, policy, tokenizer.pad_token_id, tokenizer.eos_token_id,
                          cfg.rollout.generate_batch_size)
-    weights = weights_from_env((cfg.reward.alpha, cfg.reward.beta, cfg.reward.gamma))
-    scorer = RewardScorer(weights, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
+    scorer = reward_scorer(cfg)
 
     updates = module.updates_per_step  # optimizer steps per GRPO step; Lightning counts the former
     checkpoint = ModelCheckpoint(
         dirpath=output_dir / "checkpoints", filename="step-{step}", every_n_train_steps=cfg.save_every * updates,
         save_last=True, save_top_k=cfg.keep_checkpoints, monitor="step", mode="max", auto_insert_metric_name=False,
     )
+    loggers = make_loggers(OmegaConf.to_container(cfg.logger), output_dir, OmegaConf.to_container(cfg, resolve=True),
+                           resume=ckpt_path is not None)
     trainer = L.Trainer(
         **cfg.trainer,
         max_steps=steps * updates,
         max_epochs=-1,
-        logger=ResumableCSVLogger(str(output_dir)),
+        logger=loggers,
         callbacks=[
             RolloutCallback(engine, scorer, tokenizer, sampling, seed=cfg.seed),  # pushes weights; keep it first
             *([validation(cfg, engine, scorer, tokenizer, steps)] if cfg.validation.benchmarks else []),
+            *([SamplesCallback(output_dir / "samples.jsonl", cfg.samples.every, cfg.samples.count)]
+              if cfg.samples.every else []),
             checkpoint,
             StepProgressBar(steps),
         ],
@@ -103,12 +122,15 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         scorer.close()
-    metric = trainer.callback_metrics.get(cfg.optimized_metric)
+        close_loggers(loggers)
+    metric = trainer.callback_metrics.get(optimized_metric(cfg))
     return None if metric is None else float(metric)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # each job of `-m` trains in its own folder
+        cfg.output_dir = HydraConfig.get().runtime.output_dir
     return train(cfg)
 
 

@@ -199,3 +199,17 @@ def test_remote_code_is_off_unless_asked_and_checkpoints_load_weights_only(tmp_p
     train(config("gpu=cpu", "mode=ultra-quick", f"output_dir={tmp_path}"))
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # plain containers and tensors only
     assert isinstance(state["hyper_parameters"]["model"], dict) and "rng" in state["rlvr"]
+
+
+@pytest.mark.slow
+def test_wandb_unreachable_the_run_goes_on_offline(tmp_path):
+    env = {**os.environ, "WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_DIR": str(tmp_path)}
+    env.pop("WANDB_MODE", None)  # port 9 (discard) refuses: the server is unreachable
+    done = subprocess.run([sys.executable, "-m", "rlvr.train", "mode=ultra-quick", "gpu=cpu", "steps=2", "logger=wandb",
+                           "logger.init_timeout=2", f"output_dir={tmp_path}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.stdout + done.stderr).count("W&B unreachable") == 1
+    assert len(metrics(tmp_path)) == 2 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert next(offline.glob("*.wandb")).stat().st_size > 0
