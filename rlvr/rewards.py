@@ -287,6 +287,33 @@ def _isolated(response: str, ground_truth: str, timeout: float, parent: int, out
     out.send(_verify_limited(response, ground_truth, timeout))
 
 
+class _WorkerProcess(mp.context.SpawnProcess):
+    """A spawned process that does not re-run the parent's `__main__` module first.
+
+    Spawn normally re-imports it, and for `python -m rlvr.train` that is all of Lightning: about
+    10 s and a few hundred MB per worker. A worker needs only this module, which unpickling its
+    task imports anyway.
+    """
+
+    @staticmethod
+    def _Popen(process_obj):
+        main = sys.modules["__main__"]
+        saved = {key: main.__dict__.pop(key) for key in ("__spec__", "__file__") if key in main.__dict__}
+        main.__spec__ = None  # get_preparation_data reads these two while the process starts
+        try:
+            return mp.context.SpawnProcess._Popen(process_obj)
+        finally:
+            del main.__spec__
+            main.__dict__.update(saved)
+
+
+class _WorkerContext(mp.context.SpawnContext):
+    Process = _WorkerProcess
+
+
+WORKER_CONTEXT = _WorkerContext()
+
+
 class RewardScorer:
     """Scores batches of responses; the trainer and the evaluator share it.
 
@@ -314,7 +341,7 @@ class RewardScorer:
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp.get_context("spawn"), initializer=_worker_init,
+            self._pool = ProcessPoolExecutor(self.workers, WORKER_CONTEXT, initializer=_worker_init,
                                              initargs=(os.getpid(),))
         return self._pool
 
@@ -377,9 +404,8 @@ class RewardScorer:
 
     def _verify_isolated(self, response: str, ground_truth: str) -> tuple[float, bool]:
         """One response in its own process, killed if it overruns: the slow path after a stall."""
-        ctx = mp.get_context("spawn")
-        receive, send = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_isolated, args=(response, ground_truth, self.timeout, os.getpid(), send), daemon=True)
+        receive, send = WORKER_CONTEXT.Pipe(duplex=False)
+        process = WORKER_CONTEXT.Process(target=_isolated, args=(response, ground_truth, self.timeout, os.getpid(), send), daemon=True)
         process.start()
         # Start-up (imports) plus the time limit; a process that dies first counts as a timeout.
         ready = mp.connection.wait([receive, process.sentinel], timeout=self.timeout + 30.0)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -212,6 +214,30 @@ def test_a_dead_worker_is_replaced_and_its_batch_rescored():
         assert batch.verify.tolist() == [1.0] * 4
         assert s.pool_restarts == 1
         assert s([GOOD], ["18"]).verify.tolist() == [1.0]  # the new pool serves later batches
+
+
+MAIN_WITH_SIDE_EFFECT = r"""
+import sys
+sys.path.insert(0, ROOT)
+open(LOG, "a").write("imported\n")
+from rlvr.rewards import RewardScorer
+if __name__ == "__main__":
+    with RewardScorer(workers=2, timeout=2.0) as s:
+        print(s(["\\boxed{18}"] * 4, ["18"] * 4).verify.tolist())
+        print(s._verify_isolated("\\boxed{18}", "18"))
+"""
+
+
+def test_workers_do_not_re_run_the_parents_main_module(tmp_path):
+    """Spawn re-imports `__main__` in each child; for `python -m rlvr.train` that is all of Lightning."""
+    log = tmp_path / "imports.log"
+    script = tmp_path / "main_with_side_effect.py"
+    script.write_text(MAIN_WITH_SIDE_EFFECT.replace("ROOT", repr(str(Path(__file__).resolve().parents[1])))
+                      .replace("LOG", repr(str(log))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["[1.0, 1.0, 1.0, 1.0]", "(1.0, False)"]
+    assert log.read_text().splitlines() == ["imported"]  # the parent alone: 2 pool workers + 1 isolated did not
 
 
 # -- gold data ---------------------------------------------------------------------------------
