@@ -5,7 +5,8 @@ number papers report is never confused with the composite training reward.
 
 It runs after the rollout callback has pushed the step's weights to the engine (keep it after that
 callback in the list), and uses the training prompt, so format and reflect mean what they mean in
-training. Sampling is seeded by (seed, step) in a forked RNG: validating never changes training.
+training. Under DDP the first rank validates alone (the loggers live there). Each problem samples from its own seed (seed, step, problem), never from the global RNG:
+validating never changes training.
 """
 
 from __future__ import annotations
@@ -52,14 +53,14 @@ class ValidationCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
         done = batch["step"] + 1
-        if done % self.every and done != self.total_steps:
-            return
+        if (done % self.every and done != self.total_steps) or not trainer.is_global_zero:
+            return  # under DDP the first rank validates; the others wait at the next step's all-reduce
         began = time.perf_counter()
         metrics: dict[str, float] = {}
         for name, examples in self.benchmarks.items():
             result, _ = evaluate_benchmark(
                 name, examples, self.engine, self.tokenizer, self.scorer, self.sampling,
-                seed=self.seed * 1_000_003 + done, system_prompt=self.system_prompt, instruction=self.instruction,
+                seed=self.seed, step=done, system_prompt=self.system_prompt, instruction=self.instruction,
             )
             metrics[f"val/{name}/accuracy"] = result.pass1
             for signal in ("verify", "format", "reflect"):

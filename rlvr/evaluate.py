@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from rlvr.data import Example, build_prompt, load_benchmark
-from rlvr.engine import RolloutEngine, SamplingParams, eos_ids, make_engine, truncated
+from rlvr.engine import RolloutEngine, SamplingParams, eos_ids, make_engine, prompt_seeds, truncated
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, load_tokenizer
 from rlvr.rewards import RewardScorer, last_boxed
 
@@ -121,12 +121,14 @@ def evaluate_benchmark(
     seed: int = 0,
     system_prompt: str | None = None,
     instruction: str = "",
+    step: int = 0,
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
-    """Generate `params.n` samples per problem, grade them, and return the numbers and the samples."""
+    """Generate `params.n` samples per problem, grade them, and return the numbers and the samples.
+    Problem i samples with seed prompt_seeds(seed, step, [i])."""
     began = time.perf_counter()
     texts = [build_prompt(e.question, tokenizer, system_prompt, instruction) for e in examples]
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    completions = engine.generate(prompts, params, seed=seed)
+    completions = engine.generate(prompts, params, prompt_seeds(seed, step, range(len(prompts))))
     responses = tokenizer.batch_decode(completions, skip_special_tokens=True)
     k = params.n
     truths = [e.answer for e in examples for _ in range(k)]

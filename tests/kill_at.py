@@ -14,8 +14,8 @@ import sys
 
 import torch
 
+from callbacks.rollout import RolloutCallback
 from rlvr import module
-from rlvr.engine import HFEngine
 from rlvr.train import main
 
 
@@ -34,15 +34,15 @@ if __name__ == "__main__":
     sys.argv = [sys.argv[0], *sys.argv[3:]]
 
     if point == "generate":
-        original_generate = HFEngine.generate
+        original_rollout = RolloutCallback.on_train_batch_start
 
-        def generate(self, prompts, params, seed):
-            if seed % 1_000_003 == step:  # the rollout callback seeds with seed * 1_000_003 + step
-                original_chunk = self._generate
-                self._generate = lambda *a: (original_chunk(*a), die())[0]
-            return original_generate(self, prompts, params, seed)
+        def rollout(self, trainer, pl_module, batch, batch_idx):
+            if batch["step"] == step:  # die once the engine has generated its first chunk
+                original_chunk = self.engine._generate
+                self.engine._generate = lambda *a: (original_chunk(*a), die())[0]
+            return original_rollout(self, trainer, pl_module, batch, batch_idx)
 
-        HFEngine.generate = generate
+        RolloutCallback.on_train_batch_start = rollout
     elif point == "update":
         original_micro_step = module.GRPOModule._micro_step
 

@@ -89,14 +89,42 @@ def test_hf_engine_is_seeded_and_takes_weights(tokenizer):
     engine = HFEngine(engine_model, tokenizer.pad_token_id, tokenizer.eos_token_id)
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=6)
     prompts = [[1, 2, 3], [4, 5]]
-    a, b = engine.generate(prompts, params, seed=5), engine.generate(prompts, params, seed=5)
+    a, b = engine.generate(prompts, params, [5, 9]), engine.generate(prompts, params, [5, 9])
     assert a == b and len(a) == 6 and all(1 <= len(c) <= 6 for c in a)
-    assert engine.generate(prompts, params, seed=6) != a
+    assert engine.generate(prompts, params, [6, 9])[:3] != a[:3]
+    assert engine.generate(prompts, params, [6, 9])[3:] == a[3:]  # a prompt's samples depend on its own seed
 
-    reference = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id).generate(prompts, params, seed=5)
+    reference = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id).generate(prompts, params, [5, 9])
     assert reference != a
     engine.load_weights(policy.named_parameters())
-    assert engine.generate(prompts, params, seed=5) == reference
+    assert engine.generate(prompts, params, [5, 9]) == reference
+
+
+def test_a_prompts_samples_do_not_depend_on_its_batch_or_chunking(tokenizer):
+    """What lets two ranks together draw exactly what one process draws."""
+    engine = HFEngine(make_policy(tokenizer, seed=0), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=8)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
+    together = engine.generate(prompts, params, [10, 11, 12, 13])
+    apart = engine.generate(prompts[:2], params, [10, 11]) + engine.generate(prompts[2:], params, [12, 13])
+    engine.batch_size = 1
+    one_by_one = engine.generate(prompts, params, [10, 11, 12, 13])
+    assert together == apart == one_by_one
+    assert len({tuple(c) for c in together}) > 4  # the n samples of a prompt differ
+
+
+def test_seeded_sampler_draws_from_the_tempered_distribution():
+    """Gumbel-max per row: token frequencies match softmax(logits / T); top-p keeps only the nucleus."""
+    from rlvr.engine import SeededSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    for temperature, top_p in [(1.0, 1.0), (0.5, 1.0), (1.0, 0.7)]:
+        picks = torch.tensor([int(SeededSampler([s], temperature, top_p)(None, logits).argmax()) for s in range(4000)])
+        freq = torch.bincount(picks, minlength=4).float() / len(picks)
+        expected = (logits[0] / temperature).softmax(-1)
+        if top_p < 1:  # 0.644 + 0.237 covers 0.7: the nucleus is the first two tokens
+            expected = torch.tensor([0.644, 0.237, 0.0, 0.0]) / 0.881
+        assert torch.allclose(freq, expected, atol=0.025), (temperature, top_p, freq, expected)
 
 
 class TargetTokenReward:
