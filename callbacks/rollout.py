@@ -1,8 +1,9 @@
 """Drives generation: before each GRPO step, sample n responses per prompt and score them; after the
 step's updates, push the new weights to the engine so the next rollout uses the current policy.
 
-Sampling is seeded by (seed, step), so a step draws the same samples whether or not the run was
-resumed in between.
+Each prompt's sampling is seeded by (seed, step, its place in the step's global batch), so a step
+draws the same samples whether or not the run was resumed in between, and whatever the number of
+ranks. Under DDP each rank generates for its own share of the prompts (the data module hands it out).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 import lightning as L
 from transformers import PreTrainedTokenizerBase
 
-from rlvr.engine import RolloutEngine, SamplingParams, eos_ids
+from rlvr.distributed import policy_weights
+from rlvr.engine import RolloutEngine, SamplingParams, eos_ids, prompt_seeds
 from rlvr.module import pack_rollout
 from rlvr.rewards import RewardScorer
 
@@ -35,12 +37,20 @@ class RolloutCallback(L.Callback):
         self.eos_ids = eos_ids(tokenizer.eos_token_id)
         self.samples_generated = 0
         self.tokens_generated = 0
+        self._engine_current = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._engine_current = False  # a resumed (or sharded) policy is not yet in a separate engine
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        if not self._engine_current:
+            self.engine.load_weights(policy_weights(pl_module))
+            self._engine_current = True
         prompts: list[list[int]] = batch["prompt_ids"]
         n = self.sampling.n
         began = time.perf_counter()
-        completions = self.engine.generate(prompts, self.sampling, seed=self.seed * 1_000_003 + batch["step"])
+        seeds = prompt_seeds(self.seed, batch["step"], batch["position"])
+        completions = self.engine.generate(prompts, self.sampling, seeds)
         generated = time.perf_counter()
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         truths = [answer for answer in batch["answer"] for _ in range(n)]
@@ -61,7 +71,7 @@ class RolloutCallback(L.Callback):
         pl_module.log("rollout/tokens_per_s", tokens / max(generated - began, 1e-9), **log)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
-        self.engine.load_weights(pl_module.policy.named_parameters())
+        self.engine.load_weights(policy_weights(pl_module))
         batch.pop("rollout", None)  # free the step's tensors before the next rollout
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -252,24 +252,36 @@ def build_prompt(
 # ---------------------------------------------------------------------------------------------
 
 
-class StepSampler(Sampler[list[int]]):
-    """Yields (step, indices) batches from `start` on, endlessly, in a seed-determined order."""
+class StepSampler(Sampler[list[tuple[int, int, int]]]):
+    """Yields, from step `start` on, endlessly, this rank's share of each step's batch in a
+    seed-determined order, as (step, place in the global batch, row) triples.
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int, start: int = 0) -> None:
+    The global batch of a step is a function of (seed, step) alone; rank r of `world` takes its
+    r-th contiguous slice, so the ranks together see exactly that batch, whatever their number.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
         if batch_size > num_rows:
             raise ValueError(f"batch_size {batch_size} is larger than the data set ({num_rows} rows)")
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} is not divisible by the {world} processes (devices x num_nodes)")
         self.num_rows, self.batch_size, self.seed, self.start = num_rows, batch_size, seed, start
+        self.rank, self.world = rank, world
         self.batches_per_epoch = num_rows // batch_size  # the remainder is dropped each epoch
 
     def batch(self, step: int) -> list[int]:
+        """The rows of the whole (global) batch of `step`."""
         epoch, k = divmod(step, self.batches_per_epoch)
         order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         return order[k * self.batch_size : (k + 1) * self.batch_size].tolist()
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        share = self.batch_size // self.world
+        first = self.rank * share
         step = self.start
         while True:
-            yield [(step, i) for i in self.batch(step)]  # type: ignore[misc]
+            rows = self.batch(step)[first : first + share]
+            yield [(step, first + i, row) for i, row in enumerate(rows)]
             step += 1
 
 
@@ -280,14 +292,16 @@ class PromptDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
-        step, index = item
-        return {"step": step, "prompt_ids": self.prompt_ids[index], "answer": self.examples[index].answer}
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
+        step, position, index = item
+        return {"step": step, "position": position, "prompt_ids": self.prompt_ids[index],
+                "answer": self.examples[index].answer}
 
 
 def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "step": rows[0]["step"],
+        "position": [r["position"] for r in rows],  # places in the step's global batch (the sampling seeds)
         "prompt_ids": [r["prompt_ids"] for r in rows],
         "answer": [r["answer"] for r in rows],
     }
@@ -341,7 +355,8 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None, "call setup() first"
-        sampler = StepSampler(len(self.dataset), self.batch_size, self.seed, start=self.next_step)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = StepSampler(len(self.dataset), self.batch_size, self.seed, start=self.next_step, rank=rank, world=world)
         return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:

@@ -8,6 +8,11 @@ so the ratio is exactly 1 and the extra forward pass is skipped. The reference m
 term is a frozen copy of the initial policy, held only when kl_coef > 0, and never checkpointed
 (resume rebuilds it from the same source as the initial weights).
 
+Under DDP (or FSDP) each rank holds B / world prompts of the global batch. Loss normalizers are the
+global token and sequence counts (all-reduced), so the all-reduced gradient is that of the global
+batch and the first-step loss equals a one-process run's. Gradients are all-reduced once per update,
+on its last micro-batch.
+
 An update whose loss or gradient is not finite is skipped: its gradients are dropped before the
 optimizer step, so neither the weights nor AdamW's moments see it. It is counted, and too many in a
 row stop the run. The checkpoint also carries every RNG state and those counters.
@@ -15,6 +20,7 @@ row stop the run. The checkpoint also carries every RNG state and those counters
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -68,11 +74,16 @@ class GRPOConfig:
         if self.clip_low < 0 or self.clip_high < 0 or self.kl_coef < 0 or self.lr <= 0:
             raise ValueError("grpo.clip_low, grpo.clip_high and grpo.kl_coef must be >= 0, and optim.lr > 0")
 
-    def updates_per_step(self, batch_size: int) -> int:
+    def updates_per_step(self, batch_size: int, world: int = 1) -> int:
+        """Optimizer steps per GRPO step; `world` processes each take an equal share of every mini-batch."""
         mini = self.mini_batch_size or batch_size
         if batch_size % mini:
             raise ValueError(f"batch_size={batch_size} is not divisible by grpo.mini_batch_size={mini}: "
                              "a mini-batch must hold whole groups of the batch")
+        if mini % world:
+            key = "grpo.mini_batch_size" if self.mini_batch_size else "batch_size"
+            raise ValueError(f"{key}={mini} is not divisible by the {world} processes (devices x num_nodes): "
+                             "each needs the same number of whole groups")
         return self.ppo_epochs * (batch_size // mini)
 
 
@@ -124,17 +135,20 @@ REWARD_KEYS = ("verify", "format", "reflect", "total", "accuracy")
 
 
 class GRPOModule(L.LightningModule):
-    def __init__(self, policy: nn.Module, config: GRPOConfig, batch_size: int, model_spec: dict | None = None) -> None:
-        """`model_spec` (what rlvr.models.ModelSpec holds) goes into the checkpoint, so that
-        `rlvr.evaluate` can rebuild the policy from the checkpoint file alone."""
+    def __init__(self, policy: nn.Module, config: GRPOConfig, batch_size: int, model_spec: dict | None = None,
+                 world: int = 1) -> None:
+        """`batch_size` is global (prompts per step over all `world` processes). `model_spec` (what
+        rlvr.models.ModelSpec holds) goes into the checkpoint, so that `rlvr.evaluate` can rebuild the
+        policy from the checkpoint file alone."""
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
         self.config = config
         self.batch_size = batch_size
-        self.updates_per_step = config.updates_per_step(batch_size)
+        self.updates_per_step = config.updates_per_step(batch_size, world)
         self._reference = _Frozen(copy.deepcopy(policy)) if config.kl_coef > 0 else None
-        self.reward_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in REWARD_KEYS})
+        # dist_sync_on_step: the logged reward is the mean over every rank's rollouts
+        self.reward_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric(dist_sync_on_step=True) for k in REWARD_KEYS})
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, in all
         self.consecutive_skips = 0
         # logger=False: the loggers get the whole resolved config from train.py instead
@@ -183,8 +197,9 @@ class GRPOModule(L.LightningModule):
         rewards = rollout.rewards.total.to(device)
         advantages = grpo.group_advantages(rewards, c.n, scale=c.scale_advantages)  # (N,)
 
-        # Mini-batches of whole groups; micro-batches cut inside each mini-batch.
-        rows_per_mini = (c.mini_batch_size or self.batch_size) * c.n
+        # Mini-batches of whole groups (this rank's share of each); micro-batches cut inside them.
+        world = self.trainer.world_size
+        rows_per_mini = (c.mini_batch_size or self.batch_size) // world * c.n
         minis = [
             [torch.arange(m, min(m + c.micro_batch_size, e), device=device) for m in range(s, e, c.micro_batch_size)]
             for s, e in ((s, min(s + rows_per_mini, num_rows)) for s in range(0, num_rows, rows_per_mini))
@@ -202,26 +217,37 @@ class GRPOModule(L.LightningModule):
         sums = dict.fromkeys(("loss", "pg_loss", "pg_clipfrac", "kl", "entropy", "grad_norm"), 0.0)
         for _ in range(c.ppo_epochs):
             for mini in minis:
-                num_tokens = float(sum(rollout.response_mask[rows].sum() for rows in mini))
-                num_seqs = float(sum(len(rows) for rows in mini))
+                # Global counts over the ranks, divided by world: DDP averages the ranks' gradients.
+                local = torch.tensor([sum(float(rollout.response_mask[rows].sum()) for rows in mini),
+                                      sum(len(rows) for rows in mini)], dtype=torch.float64, device=device)
+                num_tokens, num_seqs = (self.trainer.strategy.reduce(local, reduce_op="sum") / world).tolist()
                 optimizer.zero_grad()
                 update_loss = 0.0
-                for rows in mini:
+                for i, rows in enumerate(mini):
                     start = int(rows[0])
-                    stats = self._micro_step(rollout, rows, advantages, old_logp.get(start), ref_logp.get(start),
-                                             num_tokens, num_seqs)
+                    with self._gradient_sync(last=i == len(mini) - 1):
+                        stats = self._micro_step(rollout, rows, advantages, old_logp.get(start), ref_logp.get(start),
+                                                 num_tokens, num_seqs)
                     update_loss += stats["loss"]
                     for key, value in stats.items():
                         sums[key] += value / self.updates_per_step
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
                 sums["grad_norm"] += float(grad_norm) / self.updates_per_step
-                if not (math.isfinite(float(grad_norm)) and math.isfinite(update_loss)):
+                finite = math.isfinite(float(grad_norm)) and math.isfinite(update_loss)
+                if self.trainer.strategy.reduce_boolean_decision(not finite, all=False):  # all ranks skip together
                     self._skip_update(optimizer, float(grad_norm), update_loss, batch["step"])
                 else:
                     self.consecutive_skips = 0
                 optimizer.step()  # after a skip no parameter has a gradient, so AdamW leaves all as they are
                 scheduler.step()
         self._log_step(sums, rollout, rewards)
+
+    def _gradient_sync(self, last: bool):
+        """All-reduce gradients only on an update's last micro-batch (DDP); a no-op on one device."""
+        strategy = self.trainer.strategy
+        if last or not hasattr(strategy, "block_backward_sync"):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
 
     def _skip_update(self, optimizer, grad_norm: float, loss: float, step: int) -> None:
         """Drop this update's gradients (a non-finite value would poison AdamW's moments for good)
@@ -288,8 +314,9 @@ class GRPOModule(L.LightningModule):
                 "kl": token_mean(kl_tok), "entropy": token_mean(entropy)}
 
     def _log_step(self, sums: dict[str, float], rollout: Rollout, rewards: torch.Tensor) -> None:
-        log = dict(on_step=True, on_epoch=False, batch_size=rewards.numel())
-        for key, value in sums.items():
+        """Every value is over all ranks: means, or sums and maxima where those are meant."""
+        log = dict(on_step=True, on_epoch=False, batch_size=rewards.numel(), sync_dist=True)
+        for key, value in sums.items():  # each rank's loss share is scaled by world: the mean is the global loss
             self.log(f"train/{key}", value, prog_bar=key == "loss", **log)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], **log)
         self.log("train/skipped_updates", float(self.skipped_updates), **log)
@@ -297,13 +324,13 @@ class GRPOModule(L.LightningModule):
         self.log("train/tied_groups", float(tied), **log)
         lengths = rollout.response_mask.sum(dim=1)
         self.log("response_length/mean", float(lengths.mean()), **log)
-        self.log("response_length/max", float(lengths.max()), **log)
+        self.log("response_length/max", float(lengths.max()), **{**log, "reduce_fx": "max"})
         self.log("response_length/clip_ratio", float(rollout.truncated.float().mean()), **log)
         r = rollout.rewards
         values = {"verify": r.verify, "format": r.format, "reflect": r.reflect, "total": r.total,
                   "accuracy": r.correct}
         for key, metric in self.reward_metrics.items():
-            metric(values[key].to(self.device))
-            self.log(f"reward/{key}", metric, prog_bar=key == "total", **log)
-        self.log("reward/timeouts", float(r.timeouts), **log)
+            metric(values[key].to(self.device))  # a torchmetric syncs itself
+            self.log(f"reward/{key}", metric, prog_bar=key == "total", **{**log, "sync_dist": False})
+        self.log("reward/timeouts", float(r.timeouts), **{**log, "reduce_fx": "sum"})
         self.log("reward/format_verify_corr", pearson(r.format, r.verify), **log)

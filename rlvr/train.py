@@ -7,6 +7,7 @@ optimizes. Training logic lives in rlvr.module, rollouts in callbacks.rollout.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from dataclasses import asdict
@@ -17,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.progress import StepProgressBar
@@ -26,6 +27,7 @@ from callbacks.samples import SamplesCallback
 from callbacks.validation import ValidationCallback
 from rlvr.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from rlvr.data import PromptDataModule, load_benchmark, load_examples
+from rlvr.distributed import shards_weights
 from rlvr.engine import RolloutEngine, SamplingParams, make_engine
 from rlvr.evaluate import benchmark_source
 from rlvr.loggers import close_loggers, make_loggers
@@ -48,9 +50,19 @@ def validation(cfg: DictConfig, engine: RolloutEngine, scorer: RewardScorer, tok
 
 
 def reward_scorer(cfg: DictConfig) -> RewardScorer:
-    """The reward module with the run's weights (a sweep sets reward.alpha/beta/gamma)."""
+    """The reward module with the run's weights (a sweep sets reward.alpha/beta/gamma). By default
+    the processes of one node share its cores."""
     weights = weights_from_env((cfg.reward.alpha, cfg.reward.beta, cfg.reward.gamma))
-    return RewardScorer(weights, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
+    workers = cfg.reward.workers if cfg.reward.workers is not None else max(1, (os.cpu_count() or 1) // cfg.devices)
+    return RewardScorer(weights, timeout=cfg.reward.timeout, workers=workers)
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Training processes: `devices` per node times `num_nodes` (both plain integers)."""
+    for key in ("devices", "num_nodes"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"{key}={cfg[key]!r} must be a positive integer")
+    return cfg.devices * cfg.num_nodes
 
 
 def optimized_metric(cfg: DictConfig) -> str:
@@ -60,16 +72,19 @@ def optimized_metric(cfg: DictConfig) -> str:
     return f"val/{cfg.validation.benchmarks[0]}/accuracy" if cfg.validation.benchmarks else "reward/accuracy"
 
 
-def train(cfg: DictConfig) -> float | None:
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> float | None:
+    """Builds and runs one training job. `extra_callbacks` (a benchmark's step timer, say) run
+    before rlvr's own, so their batch hooks bracket the rollout too."""
     L.seed_everything(cfg.seed, workers=True)
+    world = world_size(cfg)
     output_dir = Path(cfg.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
 
     spec = ModelSpec(**{k: v for k, v in cfg.model.items() if k != "gradient_checkpointing"})
     tokenizer = load_tokenizer(spec)
     policy = load_model(spec, tokenizer, dtype=torch.float32)
-    if cfg.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+    if cfg.model.gradient_checkpointing:  # non-reentrant: the variant that works under DDP and FSDP
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     data_options = OmegaConf.to_container(cfg.data, resolve=True)
     max_prompt_tokens = data_options.pop("max_prompt_tokens")
@@ -86,9 +101,13 @@ def train(cfg: DictConfig) -> float | None:
         n=sampling.n, temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens,
         **cfg.grpo, **cfg.optim,
     )
-    module = GRPOModule(policy, grpo_config, batch_size=cfg.batch_size, model_spec=asdict(spec))
+    module = GRPOModule(policy, grpo_config, batch_size=cfg.batch_size, model_spec=asdict(spec), world=world)
 
-    engine = make_engine(cfg.rollout.engine, policy, tokenizer.pad_token_id, tokenizer.eos_token_id,
+    trainer_options = instantiate(cfg.trainer, _convert_="all")  # a strategy may be a _target_ object (FSDP)
+    # The engine generates with the policy itself, unless the strategy shards it: then with a full copy
+    # that receives the gathered weights after every update (rlvr.distributed).
+    engine_model = copy.deepcopy(policy) if shards_weights(trainer_options["strategy"]) else policy
+    engine = make_engine(cfg.rollout.engine, engine_model, tokenizer.pad_token_id, tokenizer.eos_token_id,
                          cfg.rollout.generate_batch_size)
     scorer = reward_scorer(cfg)
 
@@ -100,11 +119,14 @@ def train(cfg: DictConfig) -> float | None:
     loggers = make_loggers(OmegaConf.to_container(cfg.logger), output_dir, OmegaConf.to_container(cfg, resolve=True),
                            resume=ckpt_path is not None)
     trainer = L.Trainer(
-        **cfg.trainer,
+        **trainer_options,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
         max_steps=steps * updates,
         max_epochs=-1,
         logger=loggers,
         callbacks=[
+            *(extra_callbacks or []),
             RolloutCallback(engine, scorer, tokenizer, sampling, seed=cfg.seed),  # pushes weights; keep it first
             *([validation(cfg, engine, scorer, tokenizer, steps)] if cfg.validation.benchmarks else []),
             *([SamplesCallback(output_dir / "samples.jsonl", cfg.samples.every, cfg.samples.count)]
@@ -112,6 +134,7 @@ def train(cfg: DictConfig) -> float | None:
             checkpoint,
             StepProgressBar(steps),
         ],
+        use_distributed_sampler=False,  # StepSampler hands each rank its share of the step's batch
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         enable_model_summary=False,
@@ -129,8 +152,9 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    if HydraConfig.get().mode == RunMode.MULTIRUN:  # each job of `-m` trains in its own folder
-        cfg.output_dir = HydraConfig.get().runtime.output_dir
+    # Hydra's resolved run folder: each job of a multirun (`-m`) gets its own, and the processes
+    # Lightning starts for DDP are handed the first process's (`output_dir` may hold `${now:}`).
+    cfg.output_dir = HydraConfig.get().runtime.output_dir
     return train(cfg)
 
 

@@ -99,11 +99,20 @@ def test_step_sampler_is_a_function_of_seed_and_step():
     first = [next(stream) for _ in range(7)]  # 3 batches per epoch: crosses two epoch boundaries
     resumed = iter(StepSampler(num_rows=10, batch_size=3, seed=7, start=4))
     assert [next(resumed) for _ in range(3)] == first[4:]
-    epoch0 = [i for batch in first[:3] for _, i in batch]
+    epoch0 = [i for batch in first[:3] for _, _, i in batch]
     assert len(set(epoch0)) == 9  # no repeats within an epoch; one row is left over
-    assert [s for s, _ in first[5]] == [5, 5, 5]
+    assert [(s, p) for s, p, _ in first[5]] == [(5, 0), (5, 1), (5, 2)]
     with pytest.raises(ValueError, match="larger than the data set"):
         StepSampler(num_rows=2, batch_size=3, seed=0)
+
+
+def test_ranks_take_contiguous_shares_of_the_same_global_batch():
+    whole = iter(StepSampler(num_rows=20, batch_size=6, seed=3, start=2))
+    shares = [iter(StepSampler(num_rows=20, batch_size=6, seed=3, start=2, rank=r, world=3)) for r in range(3)]
+    for _ in range(4):
+        assert next(whole) == [item for share in shares for item in next(share)]
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 processes"):
+        StepSampler(num_rows=20, batch_size=6, seed=3, world=4)
 
 
 def test_datamodule_drops_overlong_prompts_and_tracks_its_position():

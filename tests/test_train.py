@@ -28,7 +28,7 @@ def metrics(output_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("mode", ["ultra-quick", "quick", "dry-run", "full"])
-@pytest.mark.parametrize("gpu", ["cpu", "l4", "a100", "h100"])
+@pytest.mark.parametrize("gpu", ["cpu", "l4", "a100", "h100", "a100x8", "h100x8"])
 def test_every_mode_and_profile_composes(mode, gpu):
     cfg = config(f"mode={mode}", f"gpu={gpu}")
     assert cfg.trainer.precision in {"32-true", "bf16-mixed"}
@@ -43,6 +43,29 @@ def test_profiles_pick_their_model_and_the_command_line_wins():
     assert config("gpu=l4", "grpo.micro_batch_size=2").grpo.micro_batch_size == 2
     assert config("mode=quick", "steps=3").steps == 3
     assert config("mode=ultra-quick").data.limit == 512
+
+
+def test_multi_gpu_profiles_set_lightnings_strategy_devices_and_nodes():
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from rlvr.distributed import shards_weights
+
+    ddp = config("gpu=a100x8")
+    assert (ddp.devices, ddp.num_nodes, ddp.trainer.strategy, ddp.model.name) == (8, 1, "ddp", "Qwen/Qwen2.5-Math-1.5B")
+    fsdp = config("gpu=h100x8", "num_nodes=2")
+    assert (fsdp.devices, fsdp.num_nodes, fsdp.model.name) == (8, 2, "Qwen/Qwen2.5-Math-7B")
+    strategy = instantiate(fsdp.trainer, _convert_="all")["strategy"]
+    assert isinstance(strategy, FSDPStrategy) and shards_weights(strategy) and not shards_weights("ddp")
+    assert fsdp.model.gradient_checkpointing and fsdp.batch_size % (fsdp.devices * fsdp.num_nodes) == 0
+
+
+def test_a_batch_that_cannot_be_split_over_the_processes_is_rejected_at_start(tmp_path):
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 processes"):
+        train(config("gpu=cpu", "devices=4", "batch_size=6", f"output_dir={tmp_path}"))
+    with pytest.raises(ValueError, match="devices='auto' must be a positive integer"):
+        train(config("gpu=cpu", "devices=auto", f"output_dir={tmp_path}"))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_the_one_shot_experiment_sets_the_papers_run():

@@ -1,0 +1,69 @@
+"""Train through `rlvr.train.train` with a reward the tiny model earns unevenly (the share of digits in
+a response), recording what each rank saw (tests/test_distributed.py drives this).
+
+    python tests/ddp_run.py RECORD_DIR [--fsdp] key=value ...
+
+Each rank appends its rollouts' rewards and prompts per step to RECORD_DIR/rank-R.jsonl and, at the
+end, digests of its policy's and its engine's weights. Lightning's launcher starts the other ranks
+with this same command. --fsdp trains with the FSDP strategy of the h100x8 profile (one unit per
+decoder layer: the tiny model is a Qwen2 too); torch's FSDP runs on GPUs only.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+
+from callbacks.rollout import RolloutCallback
+from rlvr import train as train_module
+from rlvr.distributed import policy_weights
+from rlvr.rewards import RewardBatch
+
+
+class DigitsReward:
+    def __call__(self, texts, truths) -> RewardBatch:
+        t = torch.tensor([sum(c.isdigit() for c in text) / max(len(text), 1) for text in texts])
+        return RewardBatch(t, torch.zeros_like(t), torch.zeros_like(t), t, 0)
+
+    def close(self) -> None:
+        pass
+
+
+class Recorder(L.Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _write(self, trainer: L.Trainer, record: dict) -> None:
+        with (self.folder / f"rank-{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps({"world": trainer.world_size, **record}) + "\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._write(trainer, {"step": batch["step"], "position": batch["position"],
+                              "rewards": batch["samples"]["rewards"]["total"].tolist()})
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        (rollout,) = [c for c in trainer.callbacks if isinstance(c, RolloutCallback)]
+        self._write(trainer, {"weights": digest({n: w.clone() for n, w in policy_weights(pl_module)}),
+                              "engine_weights": digest(dict(rollout.engine.model.named_parameters()))})
+
+
+def digest(weights: dict[str, torch.Tensor]) -> str:
+    """Of the weights by name, so that a replica, a gathered copy and a checkpoint compare."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode() + weights[name].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+if __name__ == "__main__":
+    folder, fsdp = Path(sys.argv[1]), "--fsdp" in sys.argv
+    with initialize_config_dir(config_dir=train_module.CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[a for a in sys.argv[2:] if a != "--fsdp"])
+        if fsdp:  # torch's FSDP needs an accelerator: this runs on GPUs only
+            cfg.trainer.strategy = compose(config_name="config", overrides=["gpu=h100x8"]).trainer.strategy
+    train_module.reward_scorer = lambda cfg: DigitsReward()
+    train_module.train(cfg, extra_callbacks=[Recorder(folder)])

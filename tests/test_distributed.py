@@ -1,0 +1,88 @@
+"""DDP and FSDP over two CPU processes (gloo) on the tiny model, as `gpu=cpu devices=2` runs them."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp_run import digest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["gpu=cpu", "batch_size=4", "rollout.n=4", "seed=3", "save_every=1", "samples.every=null",
+          "optim.lr=1e-3", "grpo.micro_batch_size=4"]  # micro 4 < 8 rows per rank: accumulation too
+
+
+def run(folder: Path, *overrides: str) -> None:
+    folder.mkdir(exist_ok=True)
+    done = subprocess.run([sys.executable, "tests/ddp_run.py", str(folder), *COMMON, f"output_dir={folder}", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def records(folder: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (folder / f"rank-{rank}.jsonl").read_text().splitlines()]
+
+
+def metrics(folder: Path) -> dict[int, dict[str, float]]:
+    with (folder / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len({r["step"] for r in rows}) == len(rows), "a step was logged twice"
+    return {int(r["step"]): {k: float(v) for k, v in r.items() if v} for r in rows}
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> Path:
+    """The reference: one process, same global batch and seed."""
+    folder = tmp_path_factory.mktemp("one")
+    run(folder, "devices=1", "steps=3")
+    return folder
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_and_resume_on_another_device_count(tmp_path, one):
+    two = tmp_path / "two"
+    run(two, "devices=2", "steps=2")
+
+    ranks = [records(two, 0), records(two, 1)]
+    assert all(r[-1]["world"] == 2 for r in ranks)
+    assert ranks[0][-1]["weights"] == ranks[1][-1]["weights"]  # both replicas end with the same weights
+    reference, logged = metrics(one), metrics(two)
+    for step in (0, 1):
+        share = [next(r for r in rank if r.get("step") == step) for rank in ranks]
+        assert (share[0]["position"], share[1]["position"]) == ([0, 1], [2, 3])  # each rank its half of the prompts
+        both = share[0]["rewards"] + share[1]["rewards"]
+        assert len(set(both)) > 1  # an uneven reward, so a one-rank mean would differ
+        assert logged[step]["reward/total"] == pytest.approx(sum(both) / len(both), rel=1e-5)
+        # Same global batch and seed: the same samples, so the same loss and gradient as one process.
+        for key in ("reward/total", "train/loss", "train/pg_loss", "train/grad_norm", "train/entropy", "response_length/mean"):
+            assert logged[step][key] == pytest.approx(reference[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+    run(two, "devices=1", "steps=3", "ckpt_path=last")  # a DDP checkpoint resumed by one process
+    resumed = metrics(two)
+    assert sorted(resumed) == [0, 1, 2]
+    for key in ("reward/total", "train/loss", "train/grad_norm"):
+        assert resumed[2][key] == pytest.approx(reference[2][key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's FSDP refuses CPU-only machines; needs CUDA")
+def test_fsdp_trains_as_one_process_and_each_engine_gets_the_gathered_weights(tmp_path, one):
+    sharded, gpus = tmp_path / "fsdp", torch.cuda.device_count()
+    run(sharded, "--fsdp", "trainer.accelerator=gpu", f"devices={gpus}", "steps=2")
+
+    ends = [records(sharded, rank)[-1] for rank in range(gpus)]
+    checkpoint = torch.load(sharded / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    saved = digest({k.removeprefix("policy."): v for k, v in checkpoint.items() if k.startswith("policy.")})
+    # Each rank's engine holds its own full copy, refreshed unit by unit: all equal the trained weights.
+    assert {e["engine_weights"] for e in ends} == {e["weights"] for e in ends} == {saved}
+    reference, logged = metrics(one), metrics(sharded)  # the reference ran on CPU: GPU fp32 differs a little
+    for step in (0, 1):
+        for key in ("reward/total", "train/loss", "train/grad_norm"):
+            assert logged[step][key] == pytest.approx(reference[step][key], rel=1e-3, abs=1e-5), (step, key)
+
+    run(sharded, "devices=1", "steps=3", "ckpt_path=last")  # a consolidated FSDP checkpoint, one CPU process
+    assert metrics(sharded)[2]["train/loss"] == pytest.approx(reference[2]["train/loss"], rel=1e-3, abs=1e-5)
