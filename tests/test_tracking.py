@@ -25,7 +25,8 @@ SECRET = "sk-rlvr-test-secret-0123456789"
 def train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     flags = [o for o in overrides if o.startswith("-")]  # Hydra's own flags (-m) come before the overrides
     overrides = tuple(o for o in overrides if not o.startswith("-"))
-    done = subprocess.run([sys.executable, "-m", "rlvr.train", *flags, "gpu=cpu", "mode=ultra-quick", *overrides],
+    done = subprocess.run([sys.executable, "-m", "rlvr.train", *flags, "gpu=cpu", "mode=ultra-quick",
+                           "reward.workers=0", *overrides],  # scoring in process: the pool is tested elsewhere
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -109,10 +110,16 @@ def test_samples_file_drops_rows_that_a_resumed_run_writes_again(tmp_path):
 
 
 @pytest.mark.slow
-def test_wandb_offline_logs_the_rewards_config_and_samples_and_no_secret(tmp_path):
-    env = {**os.environ, "WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET, "WANDB_DIR": str(tmp_path)}
-    done = train("steps=2", "logger=wandb", "logger.mode=offline", "logger.tags=[ci]", "logger.group=g1", "logger.name=two-steps", "samples.every=1",
-                 "samples.count=2", f"output_dir={tmp_path}", env=env)
+def test_wandb_unreachable_goes_offline_and_logs_rewards_config_and_samples_but_no_secret(tmp_path):
+    """A key is set but the server refuses (port 9): the run says so once, goes on offline, and its
+    local W&B files hold every metric and the config, and no secret from the environment."""
+    env = {**os.environ, "WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET, "OPENAI_API_KEY": SECRET,
+           "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_DIR": str(tmp_path)}
+    env.pop("WANDB_MODE", None)
+    done = train("steps=2", "logger=wandb", "logger.init_timeout=2", "logger.tags=[ci]", "logger.group=g1",
+                 "logger.name=two-steps", "samples.every=1", "samples.count=2", f"output_dir={tmp_path}", env=env)
+    assert (done.stdout + done.stderr).count("W&B unreachable") == 1
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / ".hydra" / "config.yaml").is_file()
     records = wandb_records(next(offline_run(tmp_path).glob("*.wandb")))
 
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
