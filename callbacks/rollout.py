@@ -43,12 +43,12 @@ class RolloutCallback(L.Callback):
         self._engine_current = False  # a resumed (or sharded) policy is not yet in a separate engine
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        began = self._step_began = time.perf_counter()
         if not self._engine_current:
             self.engine.load_weights(policy_weights(pl_module))
             self._engine_current = True
         prompts: list[list[int]] = batch["prompt_ids"]
         n = self.sampling.n
-        began = time.perf_counter()
         seeds = prompt_seeds(self.seed, batch["step"], batch["position"])
         completions = self.engine.generate(prompts, self.sampling, seeds)
         generated = time.perf_counter()
@@ -73,6 +73,9 @@ class RolloutCallback(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
         self.engine.load_weights(policy_weights(pl_module))
         batch.pop("rollout", None)  # free the step's tensors before the next rollout
+        # generate + score + update + weight push (not checkpoint writes), slowest rank
+        pl_module.log("time/step_s", time.perf_counter() - self._step_began, on_step=True, on_epoch=False,
+                      batch_size=1, sync_dist=True, reduce_fx="max")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.scorer.close()
