@@ -110,7 +110,7 @@ def main() -> None:
     problems = held_out(cfg, args.eval_size)
 
     began = time.perf_counter()
-    spec = ModelSpec(**{k: v for k, v in cfg.model.items() if k != "gradient_checkpointing"})
+    spec = ModelSpec.from_config(cfg.model)
     tokenizer = load_tokenizer(spec)
     with RewardScorer(timeout=cfg.reward.timeout, workers=0) as scorer:
         before = accuracy(load_model(spec, tokenizer), tokenizer, problems, cfg, scorer)

@@ -83,7 +83,7 @@ def run_trl(cfg: DictConfig, output_dir: Path) -> list[float]:
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self._began)
 
-    spec = ModelSpec(**{k: v for k, v in cfg.model.items() if k != "gradient_checkpointing"})
+    spec = ModelSpec.from_config(cfg.model)
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, tokenizer)
     data = OmegaConf.to_container(cfg.data, resolve=True)

@@ -5,8 +5,8 @@ number papers report is never confused with the composite training reward.
 
 It runs after the rollout callback has pushed the step's weights to the engine (keep it after that
 callback in the list), and uses the training prompt, so format and reflect mean what they mean in
-training. Under DDP the first rank validates alone (the loggers live there). Each problem samples from its own seed (seed, step, problem), never from the global RNG:
-validating never changes training.
+training. Under DDP the first rank validates alone (the loggers live there). Each problem samples
+from its own seed (seed, step, problem), never from the global RNG: validating never changes training.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.checkpoint:
         spec, tokenizer, model = load_checkpoint_policy(cfg.checkpoint, dtype)
     else:
-        spec = ModelSpec(**{k: v for k, v in cfg.model.items() if k != "gradient_checkpointing"})
+        spec = ModelSpec.from_config(cfg.model)
         tokenizer = load_tokenizer(spec)
         model = load_model(spec, tokenizer, dtype)
     model.to(device).eval()

@@ -9,8 +9,10 @@ template, so the default CPU run and the tests need no files and no network. `pk
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -42,6 +44,11 @@ class ModelSpec:
     intermediate_size: int = 128
     max_position_embeddings: int = 4096
     init_seed: int = 0
+
+    @classmethod
+    def from_config(cls, model: Mapping[str, Any]) -> ModelSpec:
+        """From a conf/model group; `gradient_checkpointing` there is a training switch, not the model's."""
+        return cls(**{key: value for key, value in model.items() if key != "gradient_checkpointing"})
 
 
 def _byte_level_chars() -> list[str]:

@@ -80,7 +80,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> f
     output_dir = Path(cfg.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
 
-    spec = ModelSpec(**{k: v for k, v in cfg.model.items() if k != "gradient_checkpointing"})
+    spec = ModelSpec.from_config(cfg.model)
     tokenizer = load_tokenizer(spec)
     policy = load_model(spec, tokenizer, dtype=torch.float32)
     if cfg.model.gradient_checkpointing:  # non-reentrant: the variant that works under DDP and FSDP
