@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rlvr.data import Example, arithmetic  # noqa: E402
-from rlvr.engine import SamplingParams, make_engine  # noqa: E402
+from rlvr.engine import EngineOptions, SamplingParams, make_engine  # noqa: E402
 from rlvr.evaluate import evaluate_benchmark  # noqa: E402
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, load_tokenizer  # noqa: E402
 from rlvr.rewards import RewardScorer  # noqa: E402
@@ -60,7 +60,7 @@ def held_out(cfg: DictConfig, size: int) -> list[Example]:
 
 def accuracy(model: torch.nn.Module, tokenizer, problems: list[Example], cfg: DictConfig, scorer: RewardScorer) -> float:
     """Greedy pass@1 on the held-out problems, graded by the training verifier."""
-    engine = make_engine("hf", model, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size=64)
+    engine = make_engine(EngineOptions("hf", generate_batch_size=64), model, tokenizer)
     params = SamplingParams(1, 0.0, 1.0, cfg.rollout.max_new_tokens)
     result, _ = evaluate_benchmark("held-out", problems, engine, tokenizer, scorer, params, seed=cfg.seed,
                                    system_prompt=SYSTEM, instruction=INSTRUCTION)

@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from rlvr.distributed import policy_weights
 from rlvr.engine import RolloutEngine, SamplingParams, eos_ids, prompt_seeds
-from rlvr.module import pack_rollout
 from rlvr.rewards import RewardScorer
+from rlvr.rollout import pack_rollout
 
 
 class RolloutCallback(L.Callback):
@@ -43,20 +43,24 @@ class RolloutCallback(L.Callback):
         self._engine_current = False  # a resumed (or sharded) policy is not yet in a separate engine
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
-        began = self._step_began = time.perf_counter()
-        if not self._engine_current:
+        self._step_began = time.perf_counter()
+        if not self._engine_current:  # the first step of a run (fresh or resumed): the engine may hold other weights
             self.engine.load_weights(policy_weights(pl_module))
             self._engine_current = True
+            pl_module.log("time/engine_start_s", time.perf_counter() - self._step_began, on_step=True, on_epoch=False,
+                          batch_size=1)  # vLLM builds itself here, at its first use
+        began = time.perf_counter()
         prompts: list[list[int]] = batch["prompt_ids"]
         n = self.sampling.n
         seeds = prompt_seeds(self.seed, batch["step"], batch["position"])
-        completions = self.engine.generate(prompts, self.sampling, seeds)
+        generation = self.engine.generate(prompts, self.sampling, seeds)
+        completions = generation.tokens
         generated = time.perf_counter()
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         truths = [answer for answer in batch["answer"] for _ in range(n)]
         rewards = self.scorer(texts, truths)
         scored = time.perf_counter()
-        batch["rollout"] = pack_rollout(prompts, completions, n, self.tokenizer.pad_token_id, self.eos_ids, rewards)
+        batch["rollout"] = pack_rollout(prompts, generation, n, self.tokenizer.pad_token_id, self.eos_ids, rewards)
         batch["samples"] = {  # for callbacks.samples; cheap, the texts are already decoded
             "prompts": self.tokenizer.batch_decode(prompts, skip_special_tokens=True), "responses": texts,
             "truths": list(batch["answer"]),
@@ -71,7 +75,9 @@ class RolloutCallback(L.Callback):
         pl_module.log("rollout/tokens_per_s", tokens / max(generated - began, 1e-9), **log)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
+        pushed = time.perf_counter()
         self.engine.load_weights(policy_weights(pl_module))
+        pl_module.log("time/weight_push_s", time.perf_counter() - pushed, on_step=True, on_epoch=False, batch_size=1)
         batch.pop("rollout", None)  # free the step's tensors before the next rollout
         # generate + score + update + weight push (not checkpoint writes), slowest rank
         pl_module.log("time/step_s", time.perf_counter() - self._step_began, on_step=True, on_epoch=False,

@@ -12,6 +12,7 @@ graded sample to a JSONL beside it, and a table to stdout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from rlvr.data import Example, build_prompt, load_benchmark
-from rlvr.engine import RolloutEngine, SamplingParams, eos_ids, make_engine, prompt_seeds, truncated
+from rlvr.engine import EngineOptions, RolloutEngine, SamplingParams, eos_ids, make_engine, prompt_seeds, truncated
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, load_tokenizer
 from rlvr.rewards import RewardScorer, last_boxed
 
@@ -128,7 +129,7 @@ def evaluate_benchmark(
     began = time.perf_counter()
     texts = [build_prompt(e.question, tokenizer, system_prompt, instruction) for e in examples]
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    completions = engine.generate(prompts, params, prompt_seeds(seed, step, range(len(prompts))))
+    completions = engine.generate(prompts, params, prompt_seeds(seed, step, range(len(prompts)))).tokens
     responses = tokenizer.batch_decode(completions, skip_special_tokens=True)
     k = params.n
     truths = [e.answer for e in examples for _ in range(k)]
@@ -202,9 +203,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         spec = ModelSpec.from_config(cfg.model)
         tokenizer = load_tokenizer(spec)
         model = load_model(spec, tokenizer, dtype)
-    model.to(device).eval()
-    engine = make_engine(cfg.rollout.engine, model, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                         cfg.rollout.generate_batch_size)
+    options = EngineOptions.from_config(OmegaConf.to_container(cfg.rollout, resolve=True), cfg.trainer.precision,
+                                        seed=cfg.seed)
+    options = dataclasses.replace(options, dtype=str(dtype).removeprefix("torch."))
+    if options.engine == "hf":
+        engine = make_engine(options, model.to(device).eval(), tokenizer)
+    else:  # the engine holds its own copy: push the weights from host memory, keep no second one
+        engine = make_engine(options, model, tokenizer)
+        engine.load_weights(model.named_parameters())
+        del model
     per_benchmark_k = OmegaConf.to_container(cfg.samples_per_benchmark, resolve=True)
     output = Path(cfg.output or Path(cfg.output_dir) / "eval.json")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +227,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             results.append(result)
             samples += graded
             print(format_table([result]).splitlines()[-1], flush=True)
+    engine.close()
 
     report = {
         "model": cfg.checkpoint or spec.name,

@@ -5,6 +5,9 @@ Choices (after DeepSeekMath's GRPO with DAPO's decoupled clip and Dr. GRPO's opt
   or (r - mean) alone with `scale=False` (Dr. GRPO); a group whose rewards all tie gets zero;
 - the PPO-clipped surrogate with separate low/high clip ranges;
 - KL to a frozen reference with the k3 ("low_var_kl") estimator, as a loss term;
+- truncated importance sampling (min(pi_old / pi_engine, cap) per token) for the gap between the
+  engine that sampled and the trainer's numerics;
+- log-probs through the LM head in checkpointed chunks, never the full (B, T, V) logits;
 - an entropy bonus;
 - losses aggregated per token over a whole mini-batch ("token-mean", the default), per sequence
   ("seq-mean-token-mean"), or summed per sequence over a fixed horizon ("seq-mean-token-sum-norm",
@@ -18,6 +21,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LOSS_AGGS = get_args(LossAgg)
@@ -41,22 +45,61 @@ def tied_groups(rewards: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def token_logprobs_and_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True, rows_per_chunk: int = 1
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    head_bias: torch.Tensor | None = None,
+    chunk_tokens: int = 512,
+    with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, T, V) logits, (B, T) targets -> (B, T) log p(target), (B, T) entropy or None.
+    """(B, T, H) final hidden states, (V, H) LM head, (B, T) targets -> (B, T) log p(target) and
+    (B, T) entropy (or None), both of softmax(logits / temperature).
 
-    Works `rows_per_chunk` sequences at a time in float32, so at most that many (T, V) blocks of
-    log-softmax exist at once, never the whole micro-batch's.
+    The LM head runs `chunk_tokens` positions at a time, each chunk under activation checkpointing
+    when gradients are needed: at most one chunk's (tokens, V) float32 logits exist at once, in the
+    forward and in the backward, never the (B, T, V) block (151,936 columns for Qwen2.5).
     """
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+    flat_targets = targets.reshape(-1)  # (B*T,)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
     logps, entropies = [], []
-    for start in range(0, logits.shape[0], rows_per_chunk):
-        chunk = logits[start : start + rows_per_chunk].float()  # (b, T, V)
-        logp_all = chunk.log_softmax(dim=-1)  # (b, T, V)
-        logps.append(logp_all.gather(-1, targets[start : start + rows_per_chunk, :, None]).squeeze(-1))  # (b, T)
-        if with_entropy:
-            entropies.append(-(logp_all.exp() * logp_all).sum(dim=-1))  # (b, T)
-    logp = torch.cat(logps)  # (B, T)
-    return logp, torch.cat(entropies) if with_entropy else None
+    for start in range(0, flat_hidden.shape[0], chunk_tokens):
+        piece = (flat_hidden[start : start + chunk_tokens], head_weight, head_bias,
+                 flat_targets[start : start + chunk_tokens], temperature, with_entropy)
+        if needs_grad:
+            logp, entropy = checkpoint(_head_chunk, *piece, use_reentrant=False)
+        else:
+            logp, entropy = _head_chunk(*piece)
+        logps.append(logp)
+        entropies.append(entropy)
+    logp = torch.cat(logps).view_as(targets)  # (B, T)
+    return logp, torch.cat(entropies).view_as(targets) if with_entropy else None
+
+
+def _head_chunk(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    temperature: float, with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, H) -> (c,) log p(target), (c,) entropy (zeros when not asked for)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature  # (c, V)
+    normalizer = logits.logsumexp(dim=-1)  # (c,)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - normalizer  # (c,)
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    entropy = normalizer - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # H = log Z - E_p[logit]
+    return logp, entropy
+
+
+def tis_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Truncated importance sampling, per token: min(pi_old / pi_engine, cap), no gradient.
+
+    The engine samples with its own numerics (vLLM's kernels, bf16); the ratio reweights each token
+    to the trainer's policy, and the cap bounds the variance. cap=None turns it off (all ones).
+    """
+    if cap is None:
+        return torch.ones_like(old_logp)
+    return (old_logp - engine_logp).detach().exp().clamp(max=cap)  # (B, T)
 
 
 def kl_low_var(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
@@ -98,13 +141,16 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token -> ((B, T) loss, (B, T) bool where clipping was active).
 
-    advantages: (B,) per sequence, broadcast over its tokens.
+    advantages: (B,) per sequence, broadcast over its tokens. weights: (B, T) per-token factors
+    (truncated importance sampling), applied after the clip.
     """
     ratio = (logp - old_logp).exp()  # (B, T)
     adv = advantages[:, None]  # (B, 1)
     unclipped = -adv * ratio  # (B, T)
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
-    return torch.maximum(unclipped, clipped), clipped > unclipped
+    loss = torch.maximum(unclipped, clipped)  # (B, T)
+    return (loss if weights is None else loss * weights), clipped > unclipped

@@ -39,8 +39,8 @@ class ModelSpec:
     # tiny only
     hidden_size: int = 64
     num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    num_heads: int = 2  # head_dim 32: the least vLLM's CPU attention takes
+    num_kv_heads: int = 1
     intermediate_size: int = 128
     max_position_embeddings: int = 4096
     init_seed: int = 0

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import math
 import random
+import time
 from dataclasses import asdict, dataclass
 
 import lightning as L
@@ -32,8 +33,10 @@ import torch
 import torchmetrics
 from torch import nn
 
-from rlvr import engine, grpo
-from rlvr.rewards import RewardBatch, pearson
+from rlvr import grpo
+from rlvr.optim import make_optimizer
+from rlvr.rewards import pearson
+from rlvr.rollout import Rollout
 
 
 @dataclass
@@ -50,6 +53,11 @@ class GRPOConfig:
     scale_advantages: bool = True  # False: Dr. GRPO, no division by the group's std
     temperature: float = 1.0  # the sampling temperature, so log-probs match the sampler
     max_new_tokens: int = 1024  # the horizon of seq-mean-token-sum-norm
+    tis_cap: float | None = 2.0  # truncated importance sampling min(pi_old / pi_engine, cap); None: off
+    logprob_chunk_tokens: int = 512  # positions per chunk through the LM head
+    reference_dtype: str | None = None  # the KL reference's dtype (e.g. bfloat16); None: the policy's
+    optimizer: str = "adamw"  # rlvr.optim.OPTIMIZERS
+    bf16_stochastic_round: bool = False  # torchao optimizers on bf16 weights
     lr: float = 1e-6
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -64,7 +72,7 @@ class GRPOConfig:
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature={self.temperature}: training needs sampling (> 0); greedy "
                              "samples of a group are identical and give no signal")
-        for key in ("ppo_epochs", "micro_batch_size", "max_new_tokens", "max_consecutive_skips"):
+        for key in ("ppo_epochs", "micro_batch_size", "max_new_tokens", "max_consecutive_skips", "logprob_chunk_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"grpo.{key}={getattr(self, key)} must be at least 1")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
@@ -73,6 +81,8 @@ class GRPOConfig:
             raise ValueError(f"grpo.loss_agg={self.loss_agg!r}; choose one of {list(grpo.LOSS_AGGS)}")
         if self.clip_low < 0 or self.clip_high < 0 or self.kl_coef < 0 or self.lr <= 0:
             raise ValueError("grpo.clip_low, grpo.clip_high and grpo.kl_coef must be >= 0, and optim.lr > 0")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"grpo.tis_cap={self.tis_cap} must be > 0 (or null to turn it off)")
 
     def updates_per_step(self, batch_size: int, world: int = 1) -> int:
         """Optimizer steps per GRPO step; `world` processes each take an equal share of every mini-batch."""
@@ -87,41 +97,10 @@ class GRPOConfig:
         return self.ppo_epochs * (batch_size // mini)
 
 
-@dataclass
-class Rollout:
-    """Sequences laid out as [left-padded prompt | right-padded response], N = B * n rows."""
-
-    input_ids: torch.Tensor  # (N, P + R)
-    attention_mask: torch.Tensor  # (N, P + R)
-    response_mask: torch.Tensor  # (N, R) float, 1.0 on response tokens
-    truncated: torch.Tensor  # (N,) bool: cut at max_new_tokens without EOS
-    rewards: RewardBatch
-
-    @property
-    def prompt_width(self) -> int:
-        return self.input_ids.shape[1] - self.response_mask.shape[1]
-
-
-def pack_rollout(
-    prompts: list[list[int]], completions: list[list[int]], n: int, pad_id: int, eos_ids: list[int],
-    rewards: RewardBatch,
-) -> Rollout:
-    """Lay out prompt i's n completions (rows i*n .. i*n+n-1) as padded tensors."""
-    width_p = max(len(p) for p in prompts)
-    width_r = max(1, max(len(c) for c in completions))
-    rows = len(completions)
-    input_ids = torch.full((rows, width_p + width_r), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    response_mask = torch.zeros(rows, width_r)
-    truncated = torch.zeros(rows, dtype=torch.bool)
-    for row, completion in enumerate(completions):
-        prompt = prompts[row // n]
-        input_ids[row, width_p - len(prompt) : width_p] = torch.tensor(prompt)
-        input_ids[row, width_p : width_p + len(completion)] = torch.tensor(completion, dtype=torch.long)
-        attention_mask[row, width_p - len(prompt) : width_p + len(completion)] = 1
-        response_mask[row, : len(completion)] = 1.0
-        truncated[row] = engine.truncated(completion, eos_ids)
-    return Rollout(input_ids, attention_mask, response_mask, truncated, rewards)
+def reference_copy(policy: nn.Module, dtype: str | None) -> nn.Module:
+    """The frozen KL reference: a copy of the initial policy, in `dtype` (bf16 halves it) or the policy's."""
+    reference = copy.deepcopy(policy)
+    return reference if dtype is None else reference.to(getattr(torch, dtype))
 
 
 class _Frozen:
@@ -146,7 +125,7 @@ class GRPOModule(L.LightningModule):
         self.config = config
         self.batch_size = batch_size
         self.updates_per_step = config.updates_per_step(batch_size, world)
-        self._reference = _Frozen(copy.deepcopy(policy)) if config.kl_coef > 0 else None
+        self._reference = _Frozen(reference_copy(policy, config.reference_dtype)) if config.kl_coef > 0 else None
         # dist_sync_on_step: the logged reward is the mean over every rank's rollouts
         self.reward_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric(dist_sync_on_step=True) for k in REWARD_KEYS})
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, in all
@@ -156,7 +135,8 @@ class GRPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        optimizer = make_optimizer(c.optimizer, self.policy.parameters(), lr=c.lr, betas=c.betas,
+                                   weight_decay=c.weight_decay, bf16_stochastic_round=c.bf16_stochastic_round)
         warmup = max(c.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: min(1.0, (update + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -168,7 +148,8 @@ class GRPOModule(L.LightningModule):
     # -- log-probs -----------------------------------------------------------------------------
 
     def _logprobs(self, model: nn.Module, rollout: Rollout, rows: torch.Tensor, entropy: bool):
-        """Response-token log-probs (b, r) and entropies for the given rows, padding trimmed."""
+        """Response-token log-probs (b, r) and entropies for the given rows, padding trimmed. The
+        decoder gives hidden states; the LM head runs over them in chunks (rlvr.grpo)."""
         mask = rollout.response_mask[rows]  # (b, R)
         r = int(mask.sum(dim=1).max().item())  # longest response in this micro-batch
         p = rollout.prompt_width
@@ -177,22 +158,20 @@ class GRPOModule(L.LightningModule):
         ids = rollout.input_ids[rows, first : p + r]  # (b, W)
         attention = attention[:, first:]
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (b, W)
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                       use_cache=False, logits_to_keep=r + 1).logits[:, :-1]  # (b, r, V)
-        if self.config.temperature > 0:
-            logits = logits / self.config.temperature
-        logp, ent = grpo.token_logprobs_and_entropy(logits, ids[:, -r:], with_entropy=entropy)
+        body, head = model.get_decoder(), model.get_output_embeddings()
+        hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions,
+                      use_cache=False).last_hidden_state[:, -(r + 1) : -1]  # (b, r, H): each predicts the next token
+        logp, ent = grpo.token_logprobs_and_entropy(
+            hidden, head.weight, ids[:, -r:], self.config.temperature, head.bias,
+            chunk_tokens=self.config.logprob_chunk_tokens, with_entropy=entropy)
         return logp, ent, mask[:, :r]
 
     # -- the step ------------------------------------------------------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        rollout: Rollout = batch["rollout"]
         c = self.config
         device = self.device
-        rollout.input_ids = rollout.input_ids.to(device)
-        rollout.attention_mask = rollout.attention_mask.to(device)
-        rollout.response_mask = rollout.response_mask.to(device)
+        rollout: Rollout = batch["rollout"].to(device)
         num_rows = rollout.input_ids.shape[0]
         rewards = rollout.rewards.total.to(device)
         advantages = grpo.group_advantages(rewards, c.n, scale=c.scale_advantages)  # (N,)
@@ -206,6 +185,7 @@ class GRPOModule(L.LightningModule):
         ]
         old_logp: dict[int, torch.Tensor] = {}
         ref_logp: dict[int, torch.Tensor] = {}
+        began = time.perf_counter()
         with torch.no_grad():
             for rows in (rows for mini in minis for rows in mini):
                 if self.updates_per_step > 1:  # else the sampling policy is the current one: ratio 1
@@ -213,8 +193,10 @@ class GRPOModule(L.LightningModule):
                 if self._reference is not None:
                     ref_logp[int(rows[0])] = self._logprobs(self._reference.model, rollout, rows, entropy=False)[0]
 
+        logprobs_done = time.perf_counter()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        sums = dict.fromkeys(("loss", "pg_loss", "pg_clipfrac", "kl", "entropy", "grad_norm"), 0.0)
+        sums = dict.fromkeys(("loss", "pg_loss", "pg_clipfrac", "kl", "entropy", "grad_norm", "tis_weight"), 0.0)
+        gap_max = 0.0
         for _ in range(c.ppo_epochs):
             for mini in minis:
                 # Global counts over the ranks, divided by world: DDP averages the ranks' gradients.
@@ -229,8 +211,9 @@ class GRPOModule(L.LightningModule):
                         stats = self._micro_step(rollout, rows, advantages, old_logp.get(start), ref_logp.get(start),
                                                  num_tokens, num_seqs)
                     update_loss += stats["loss"]
+                    gap_max = max(gap_max, stats.pop("logprob_gap_max"))
                     for key, value in stats.items():
-                        sums[key] += value / self.updates_per_step
+                        sums[key] = sums.get(key, 0.0) + value / self.updates_per_step
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
                 sums["grad_norm"] += float(grad_norm) / self.updates_per_step
                 finite = math.isfinite(float(grad_norm)) and math.isfinite(update_loss)
@@ -240,6 +223,10 @@ class GRPOModule(L.LightningModule):
                     self.consecutive_skips = 0
                 optimizer.step()  # after a skip no parameter has a gradient, so AdamW leaves all as they are
                 scheduler.step()
+        sums["logprob_gap_max"] = gap_max
+        timing = dict(on_step=True, on_epoch=False, batch_size=1)
+        self.log("time/logprobs_s", logprobs_done - began, **timing)  # old (several updates) and reference log-probs
+        self.log("time/update_s", time.perf_counter() - logprobs_done, **timing)
         self._log_step(sums, rollout, rewards)
 
     def _gradient_sync(self, last: bool):
@@ -298,8 +285,11 @@ class GRPOModule(L.LightningModule):
         c = self.config
         logp, entropy, mask = self._logprobs(self.policy, rollout, rows, entropy=True)
         old = logp.detach() if old_logp is None else old_logp
+        engine_logp = rollout.engine_logprobs[rows, : mask.shape[1]]  # (b, r)
+        tis = grpo.tis_weights(old, engine_logp, c.tis_cap)
+        gap = (old - engine_logp).abs() * mask  # the engine's numerics against the trainer's, before any update
         agg = dict(mode=c.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=c.max_new_tokens)
-        pg_tok, clipped = grpo.clipped_policy_loss(logp, old, advantages[rows], c.clip_low, c.clip_high)
+        pg_tok, clipped = grpo.clipped_policy_loss(logp, old, advantages[rows], c.clip_low, c.clip_high, weights=tis)
         pg_loss = grpo.aggregate(pg_tok, mask, **agg)
         loss = pg_loss
         if c.entropy_coef:
@@ -311,11 +301,14 @@ class GRPOModule(L.LightningModule):
         self.manual_backward(loss)
         token_mean = lambda x: float((x.detach().float() * mask).sum()) / num_tokens  # noqa: E731
         return {"loss": float(loss.detach()), "pg_loss": float(pg_loss.detach()), "pg_clipfrac": token_mean(clipped),
-                "kl": token_mean(kl_tok), "entropy": token_mean(entropy)}
+                "kl": token_mean(kl_tok), "entropy": token_mean(entropy), "tis_weight": token_mean(tis),
+                "logprob_gap_mean": token_mean(gap), "logprob_gap_max": float(gap.max())}
 
     def _log_step(self, sums: dict[str, float], rollout: Rollout, rewards: torch.Tensor) -> None:
         """Every value is over all ranks: means, or sums and maxima where those are meant."""
         log = dict(on_step=True, on_epoch=False, batch_size=rewards.numel(), sync_dist=True)
+        for key in ("logprob_gap_mean", "logprob_gap_max"):  # engine vs trainer log-probs of the sampled tokens
+            self.log(f"rollout/{key}", sums.pop(key), **({**log, "reduce_fx": "max"} if key.endswith("max") else log))
         for key, value in sums.items():  # each rank's loss share is scaled by world: the mean is the global loss
             self.log(f"train/{key}", value, prog_bar=key == "loss", **log)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], **log)

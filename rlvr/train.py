@@ -28,7 +28,7 @@ from callbacks.validation import ValidationCallback
 from rlvr.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from rlvr.data import PromptDataModule, load_benchmark, load_examples
 from rlvr.distributed import shards_weights
-from rlvr.engine import RolloutEngine, SamplingParams, make_engine
+from rlvr.engine import EngineOptions, RolloutEngine, SamplingParams, make_engine
 from rlvr.evaluate import benchmark_source
 from rlvr.loggers import close_loggers, make_loggers
 from rlvr.models import ModelSpec, check_context, load_model, load_tokenizer
@@ -97,18 +97,22 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> f
     steps = cfg.steps if cfg.steps is not None else cfg.epochs * datamodule.batches_per_epoch
 
     sampling = SamplingParams(cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
     grpo_config = GRPOConfig(
         n=sampling.n, temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens,
-        **cfg.grpo, **cfg.optim,
+        optimizer=optim.pop("name"), **cfg.grpo, **optim,
     )
     module = GRPOModule(policy, grpo_config, batch_size=cfg.batch_size, model_spec=asdict(spec), world=world)
 
     trainer_options = instantiate(cfg.trainer, _convert_="all")  # a strategy may be a _target_ object (FSDP)
     # The engine generates with the policy itself, unless the strategy shards it: then with a full copy
     # that receives the gathered weights after every update (rlvr.distributed).
-    engine_model = copy.deepcopy(policy) if shards_weights(trainer_options["strategy"]) else policy
-    engine = make_engine(cfg.rollout.engine, engine_model, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                         cfg.rollout.generate_batch_size)
+    engine_options = EngineOptions.from_config(OmegaConf.to_container(cfg.rollout, resolve=True),
+                                               cfg.trainer.precision, seed=cfg.seed)
+    sharded = shards_weights(trainer_options["strategy"]) and engine_options.engine == "hf"
+    new_tokens = max(sampling.max_new_tokens, cfg.validation.max_new_tokens if cfg.validation.benchmarks else 0)
+    engine = make_engine(engine_options, copy.deepcopy(policy) if sharded else policy, tokenizer,
+                         max_model_len=datamodule.longest_prompt + new_tokens)
     scorer = reward_scorer(cfg)
 
     updates = module.updates_per_step  # optimizer steps per GRPO step; Lightning counts the former
@@ -145,6 +149,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> f
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         scorer.close()
+        engine.close()
         close_loggers(loggers)
     metric = trainer.callback_metrics.get(optimized_metric(cfg))
     return None if metric is None else float(metric)

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from rlvr import report
 from rlvr.data import DataError, benchmark_example, load_benchmark
-from rlvr.engine import SamplingParams
+from rlvr.engine import Generation, SamplingParams
 from rlvr.evaluate import evaluate, evaluate_benchmark, majority_correct, model_argument, pass_at_k, summarize
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, tiny_tokenizer
 from rlvr.rewards import RewardScorer, ground_truth_answer, verify_signal
@@ -125,7 +125,7 @@ class AnswerEngine:
             response = f"<think>worked it out</think> The answer is \\boxed{{{answer}}}. " \
                        f"<reflection>I am confident it is correct.</reflection>"
             out += [self.tokenizer.encode(response) + [self.tokenizer.eos_token_id]] * params.n
-        return out
+        return Generation(out, [[0.0] * len(tokens) for tokens in out])
 
     def load_weights(self, weights):
         pass

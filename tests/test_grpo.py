@@ -32,20 +32,72 @@ def test_tied_groups():
 
 
 def test_token_logprobs_and_entropy_by_hand():
-    # one position, vocabulary of 2 with logits (0, ln 3): p = (1/4, 3/4)
-    logits = torch.tensor([[[0.0, math.log(3.0)]]])
-    logp, ent = grpo.token_logprobs_and_entropy(logits, torch.tensor([[1]]))
+    # one position, H = 1, a 2-token head with rows (0, ln 3): logits (0, ln 3), p = (1/4, 3/4)
+    hidden, head = torch.tensor([[[1.0]]]), torch.tensor([[0.0], [math.log(3.0)]])
+    logp, ent = grpo.token_logprobs_and_entropy(hidden, head, torch.tensor([[1]]))
     assert logp.item() == pytest.approx(math.log(0.75))
     assert ent.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    # temperature 2: logits (0, ln 3 / 2) = (0, ln sqrt 3): p = (1, sqrt 3) / (1 + sqrt 3)
+    logp, _ = grpo.token_logprobs_and_entropy(hidden, head, torch.tensor([[0]]), temperature=2.0)
+    assert logp.item() == pytest.approx(-math.log(1 + math.sqrt(3)))
 
 
-def test_token_logprobs_chunking_does_not_change_values():
+def _full_vocabulary(hidden, head, targets, temperature):
+    logits = (hidden @ head.T) / temperature  # (B, T, V)
+    logp_all = logits.log_softmax(-1)
+    return logp_all.gather(-1, targets[..., None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 1000])
+def test_chunked_logprobs_equal_the_full_vocabulary_computation_with_their_gradients(chunk_tokens):
     torch.manual_seed(0)
-    logits, targets = torch.randn(5, 7, 11), torch.randint(0, 11, (5, 7))
-    a, ea = grpo.token_logprobs_and_entropy(logits, targets, rows_per_chunk=1)
-    b, eb = grpo.token_logprobs_and_entropy(logits, targets, rows_per_chunk=5)
-    ref = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    assert torch.allclose(a, ref) and torch.allclose(b, ref) and torch.allclose(ea, eb)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    head = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 5))
+    mask = torch.tensor([[1.0] * 5, [1.0] * 2 + [0.0] * 3, [1.0] * 4 + [0.0]])  # padded responses
+    chunked = grpo.token_logprobs_and_entropy(hidden, head, targets, temperature=0.7, chunk_tokens=chunk_tokens)
+    full = _full_vocabulary(hidden, head, targets, 0.7)
+    for a, b in zip(chunked, full):
+        assert torch.allclose(a * mask, b * mask, atol=1e-5)
+    grads = [torch.autograd.grad(((lp + 0.1 * ent) * mask).sum(), (hidden, head)) for lp, ent in (chunked, full)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_no_full_vocabulary_tensor_exists_in_the_forward_or_the_backward():
+    """The point of chunking: the largest tensor is one chunk's logits, not (B, T, V)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    B, T, H, V, chunk = 4, 64, 16, 1000, 32
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    head = torch.randn(V, H, requires_grad=True)
+    with Largest():
+        logp, ent = grpo.token_logprobs_and_entropy(hidden, head, torch.randint(0, V, (B, T)), chunk_tokens=chunk)
+        (logp.sum() + ent.sum()).backward()
+    assert Largest.numel == chunk * V < B * T * V
+    assert head.grad is not None and hidden.grad is not None
+
+
+def test_truncated_importance_weights_by_hand():
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.1]]))
+    engine = torch.log(torch.tensor([[0.25, 1.0, 0.1]]))  # ratios 2, 0.5, 1
+    assert grpo.tis_weights(old, engine, cap=1.5)[0].tolist() == pytest.approx([1.5, 0.5, 1.0])
+    assert grpo.tis_weights(old, engine, cap=None).tolist() == [[1.0, 1.0, 1.0]]
+    # the weight multiplies the clipped surrogate: advantage 1, ratio 1 -> loss -1 per token, times the weight
+    loss, _ = grpo.clipped_policy_loss(old, old, torch.tensor([1.0]), weights=torch.tensor([[1.5, 0.5, 1.0]]))
+    assert loss[0].tolist() == pytest.approx([-1.5, -0.5, -1.0])
+    weights = grpo.tis_weights(old.requires_grad_(), engine, cap=2.0)
+    assert not weights.requires_grad  # a fixed correction, never a path for the gradient
 
 
 def test_kl_is_zero_when_policy_equals_reference():

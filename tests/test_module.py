@@ -11,10 +11,11 @@ import torch
 
 from callbacks.rollout import RolloutCallback
 from rlvr.data import PromptDataModule, load_examples
-from rlvr.engine import HFEngine, SamplingParams
+from rlvr.engine import Generation, HFEngine, SamplingParams
 from rlvr.models import ModelSpec, load_model, tiny_tokenizer
-from rlvr.module import GRPOConfig, GRPOModule, pack_rollout
+from rlvr.module import GRPOConfig, GRPOModule
 from rlvr.rewards import RewardBatch
+from rlvr.rollout import pack_rollout
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,11 @@ def make_policy(tokenizer, seed=0):
     return load_model(ModelSpec("tiny", init_seed=seed), tokenizer)
 
 
+def generated(completions):
+    """A Generation whose engine log-probs are all 0 (nothing reads them in these tests)."""
+    return Generation(completions, [[0.0] * len(c) for c in completions])
+
+
 def rewards_for(values):
     t = torch.tensor(values, dtype=torch.float32)
     return RewardBatch(t, torch.zeros_like(t), torch.zeros_like(t), t, 0)
@@ -34,10 +40,12 @@ def rewards_for(values):
 def test_pack_rollout_layout():
     prompts = [[1, 2, 3], [4]]
     completions = [[5, 9], [6], [7, 8, 9], [9]]  # n = 2; 9 is EOS
-    r = pack_rollout(prompts, completions, n=2, pad_id=0, eos_ids=[9], rewards=rewards_for([0, 0, 0, 0]))
+    gen = Generation(completions, [[-0.5, -0.25], [-1.0], [-1.0, -2.0, -3.0], [-4.0]])
+    r = pack_rollout(prompts, gen, n=2, pad_id=0, eos_ids=[9], rewards=rewards_for([0, 0, 0, 0]))
     assert r.input_ids.tolist() == [[1, 2, 3, 5, 9, 0], [1, 2, 3, 6, 0, 0], [0, 0, 4, 7, 8, 9], [0, 0, 4, 9, 0, 0]]
     assert r.attention_mask.tolist()[2] == [0, 0, 1, 1, 1, 1]
     assert r.response_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert r.engine_logprobs.tolist() == [[-0.5, -0.25, 0], [-1, 0, 0], [-1, -2, -3], [-4, 0, 0]]
     assert r.truncated.tolist() == [False, True, False, False]
     assert r.prompt_width == 3
 
@@ -46,7 +54,7 @@ def test_logprobs_of_padded_rows_match_an_unpadded_forward(tokenizer):
     policy = make_policy(tokenizer)
     module = GRPOModule(policy, GRPOConfig(n=2, kl_coef=0.0), batch_size=1)
     prompts, completions = [[10, 11, 12, 13]], [[20, 21, 22], [30]]
-    rollout = pack_rollout(prompts, completions, 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
+    rollout = pack_rollout(prompts, generated(completions), 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
                            rewards_for([0, 0]))
     with torch.no_grad():
         logp, entropy, mask = module._logprobs(policy, rollout, torch.tensor([0, 1]), entropy=True)
@@ -61,10 +69,10 @@ def test_logprobs_of_padded_rows_match_an_unpadded_forward(tokenizer):
 def _one_step_grad(tokenizer, micro_batch_size, loss_agg):
     policy = make_policy(tokenizer)
     config = GRPOConfig(n=2, micro_batch_size=micro_batch_size, kl_coef=0.0, entropy_coef=0.0, loss_agg=loss_agg,
-                        max_new_tokens=4)
+                        max_new_tokens=4, tis_cap=None)
     module = GRPOModule(policy, config, batch_size=2)
     prompts, completions = [[10, 11], [12, 13, 14]], [[20, 21, 22, 23], [30], [40, 41], [50, 51, 52]]
-    rollout = pack_rollout(prompts, completions, 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
+    rollout = pack_rollout(prompts, generated(completions), 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
                            rewards_for([1, 0, 0, 1]))
     module.manual_backward = lambda loss: loss.backward()
     advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
@@ -89,15 +97,15 @@ def test_hf_engine_is_seeded_and_takes_weights(tokenizer):
     engine = HFEngine(engine_model, tokenizer.pad_token_id, tokenizer.eos_token_id)
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=6)
     prompts = [[1, 2, 3], [4, 5]]
-    a, b = engine.generate(prompts, params, [5, 9]), engine.generate(prompts, params, [5, 9])
+    a, b = engine.generate(prompts, params, [5, 9]).tokens, engine.generate(prompts, params, [5, 9]).tokens
     assert a == b and len(a) == 6 and all(1 <= len(c) <= 6 for c in a)
-    assert engine.generate(prompts, params, [6, 9])[:3] != a[:3]
-    assert engine.generate(prompts, params, [6, 9])[3:] == a[3:]  # a prompt's samples depend on its own seed
+    assert engine.generate(prompts, params, [6, 9]).tokens[:3] != a[:3]
+    assert engine.generate(prompts, params, [6, 9]).tokens[3:] == a[3:]  # a prompt's samples depend on its own seed
 
     reference = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id).generate(prompts, params, [5, 9])
-    assert reference != a
+    assert reference.tokens != a
     engine.load_weights(policy.named_parameters())
-    assert engine.generate(prompts, params, [5, 9]) == reference
+    assert engine.generate(prompts, params, [5, 9]).tokens == reference.tokens
 
 
 def test_a_prompts_samples_do_not_depend_on_its_batch_or_chunking(tokenizer):
@@ -105,10 +113,10 @@ def test_a_prompts_samples_do_not_depend_on_its_batch_or_chunking(tokenizer):
     engine = HFEngine(make_policy(tokenizer, seed=0), tokenizer.pad_token_id, tokenizer.eos_token_id)
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=8)
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
-    together = engine.generate(prompts, params, [10, 11, 12, 13])
-    apart = engine.generate(prompts[:2], params, [10, 11]) + engine.generate(prompts[2:], params, [12, 13])
+    together = engine.generate(prompts, params, [10, 11, 12, 13]).tokens
+    apart = engine.generate(prompts[:2], params, [10, 11]).tokens + engine.generate(prompts[2:], params, [12, 13]).tokens
     engine.batch_size = 1
-    one_by_one = engine.generate(prompts, params, [10, 11, 12, 13])
+    one_by_one = engine.generate(prompts, params, [10, 11, 12, 13]).tokens
     assert together == apart == one_by_one
     assert len({tuple(c) for c in together}) > 4  # the n samples of a prompt differ
 
