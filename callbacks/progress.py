@@ -1,5 +1,9 @@
-"""A progress bar in GRPO steps ("step 2/3"), continuous across resumes, instead of Lightning's
-epochs and batches (one Lightning epoch spans the whole run here)."""
+"""A progress bar in GRPO steps ("GRPO step 2/3"), continuous across resumes, instead of Lightning's
+epochs and batches (one Lightning epoch spans the whole run here).
+
+The bar is set up when training starts, not when an epoch starts: a resumed run continues its
+epoch, so Lightning calls no epoch-start hook and would show its plain "Training: 11/?".
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,18 @@ class StepProgressBar(TQDMProgressBar):
         super().__init__()
         self.total_steps = total_steps
 
+    @property
+    def train_description(self) -> str:
+        return "GRPO step"
+
+    def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
+        super().on_train_start(trainer)
+        self._show(trainer)
+
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
+        self._show(trainer)  # not Lightning's "Epoch N" bar
+
+    def _show(self, trainer: L.Trainer) -> None:
         done = trainer.datamodule.next_step if trainer.datamodule is not None else 0
         self.train_progress_bar.reset(total=self.total_steps)
         self.train_progress_bar.n = done

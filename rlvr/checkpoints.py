@@ -1,22 +1,35 @@
-"""Checkpoint files that survive a kill, a full disk, and a corrupt copy.
+"""Checkpoint files that survive a kill, a full disk, and a corrupt copy, on one timeline per run.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over
 the old one, so a kill at any moment leaves either the old file or the new one, never half of
 one. A failed write (disk full) removes the temporary file and says which checkpoint is still
 intact. Loading uses `weights_only=True` (rlvr's checkpoints hold only tensors and plain
 containers), and a truncated or corrupt file is named, with the earlier checkpoints beside it.
+
+One timeline per run folder: `last.ckpt` always holds the newest state of the run (also when the
+run ends between two `save_every` boundaries, or on Ctrl-C), `step-N.ckpt` holds N GRPO steps done,
+and resuming from an earlier `step-N.ckpt` makes it the present: the later checkpoints are moved
+aside to `checkpoints/abandoned-<time>/` (never deleted), so `ckpt_path=last` cannot pick up the
+abandoned branch.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -89,3 +102,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load(path, map_location=map_location if map_location is not None else "cpu")
+
+
+def steps_done(path: Path) -> int:
+    """GRPO steps a checkpoint holds (the data position), read without loading its tensors."""
+    return int(load(path, mmap=True)["PromptDataModule"]["next_step"])
+
+
+def make_present(ckpt_path: str | Path, folder: Path) -> list[Path]:
+    """Resuming from `ckpt_path` (N steps): move the checkpoints in `folder` that hold more than N
+    steps (or cannot be read) to `folder/abandoned-<time>/`, and say so in one line. Returns the
+    moved files."""
+    present = steps_done(Path(ckpt_path))
+
+    def is_later(path: Path) -> bool:
+        try:
+            return steps_done(path) > present
+        except CheckpointError:  # damaged: it cannot be the present either, so keep it aside, whole
+            return True
+
+    later = [p for p in checkpoints_in(folder) if p.resolve() != Path(ckpt_path).resolve() and is_later(p)]
+    if not later:
+        return []
+    aside = folder / time.strftime("abandoned-%Y%m%d-%H%M%S")
+    aside.mkdir()
+    for path in later:
+        shutil.move(str(path), aside / path.name)
+    log.warning("resuming at step %d: moved the later checkpoints (%s) to %s", present,
+                ", ".join(sorted(p.name for p in later)), aside)
+    return [aside / p.name for p in later]
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint on one timeline: `step-N.ckpt` every `save_every` GRPO steps (N =
+    GRPO steps done, whatever the updates per step), the newest `keep` of them kept, and `last.ckpt`
+    overwritten (never versioned as last-v1) and always written when training ends.
+
+    Lightning writes `last` at the end only if it wrote none during the run, so a run whose length is
+    not a multiple of save_every would end with a stale last.ckpt.
+    """
+
+    def __init__(self, folder: Path, save_every: int, keep: int, updates_per_step: int = 1) -> None:
+        super().__init__(dirpath=folder, filename="step-{step}", every_n_train_steps=save_every * updates_per_step,
+                         save_last=True, save_top_k=keep, monitor="step", mode="max", auto_insert_metric_name=False,
+                         enable_version_counter=False)
+        self.updates_per_step = updates_per_step
+
+    def _monitor_candidates(self, trainer: L.Trainer) -> dict[str, torch.Tensor]:
+        candidates = super()._monitor_candidates(trainer)
+        candidates["step"] = torch.tensor(trainer.global_step // self.updates_per_step)  # GRPO steps, not updates
+        return candidates
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -145,13 +145,30 @@ def wandb_logger(options: dict[str, Any], save_dir: str | Path, resume: bool) ->
 
 
 def make_loggers(options: dict[str, Any], save_dir: str | Path, config: dict[str, Any], resume: bool) -> list[Logger]:
-    """metrics.csv always (rlvr.report and resume read it), plus W&B when `logger=wandb`."""
-    loggers: list[Logger] = [ResumableCSVLogger(str(save_dir))]
+    """metrics.csv always (rlvr.report and resume read it), plus W&B when `logger=wandb`. The
+    resolved config, secrets removed, goes to each; a resume keeps the first run's hparams.yaml."""
+    csv_logger = ResumableCSVLogger(str(save_dir))
+    loggers: list[Logger] = [csv_logger]
     if options.get("kind") == "wandb":
         loggers.append(wandb_logger(options, save_dir, resume))
     for logger in loggers:
-        logger.log_hyperparams(redact(config))  # the resolved config as a plain dict, secrets removed
+        if not (logger is csv_logger and resume and (Path(save_dir) / "hparams.yaml").is_file()):
+            logger.log_hyperparams(redact(config))
     return loggers
+
+
+def save_run_config(save_dir: str | Path, config: dict[str, Any], overrides: list[str]) -> Path:
+    """The resolved config (secrets removed) and the command-line overrides, in `.hydra/`. A resume
+    writes its own to `.hydra/resume-K/` (K = 1, 2, ...), so the first run's files survive."""
+    from omegaconf import OmegaConf
+
+    folder = Path(save_dir) / ".hydra"
+    if (folder / "config.yaml").is_file():
+        folder = folder / f"resume-{len(list(folder.glob('resume-*'))) + 1}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(redact(config)))
+    (folder / "overrides.yaml").write_text(OmegaConf.to_yaml([str(o) for o in redact(overrides)]))
+    return folder
 
 
 def close_loggers(loggers: list[Logger]) -> None:

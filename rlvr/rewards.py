@@ -260,6 +260,7 @@ def _die_with(parent: int) -> None:
 
 def _worker_init(parent: int) -> None:
     _die_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer decides
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     signal.signal(signal.SIGALRM, _on_alarm)
     _parse_gold("1")  # import sympy and the parser once, before the first real task

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -16,21 +17,22 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.interrupt import StopOnInterrupt
 from callbacks.progress import StepProgressBar
 from callbacks.rollout import RolloutCallback
 from callbacks.samples import SamplesCallback
 from callbacks.validation import ValidationCallback
-from rlvr.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
+from rlvr.checkpoints import AtomicCheckpointIO, RunCheckpoint, make_present, resolve_ckpt_path
 from rlvr.data import PromptDataModule, load_benchmark, load_examples
 from rlvr.distributed import shards_weights
 from rlvr.engine import EngineOptions, RolloutEngine, SamplingParams, make_engine
 from rlvr.evaluate import benchmark_source
-from rlvr.loggers import close_loggers, make_loggers
+from rlvr.loggers import close_loggers, make_loggers, save_run_config
 from rlvr.models import ModelSpec, check_context, load_model, load_tokenizer
 from rlvr.module import GRPOConfig, GRPOModule
 from rlvr.rewards import RewardScorer, weights_from_env
@@ -38,6 +40,7 @@ from rlvr.rewards import RewardScorer, weights_from_env
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # Lightning warns that manual optimization saves the weights after the update: that is what resume needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # a resume: it should
 
 
 def validation(cfg: DictConfig, engine: RolloutEngine, scorer: RewardScorer, tokenizer, steps: int) -> ValidationCallback:
@@ -116,12 +119,14 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> f
     scorer = reward_scorer(cfg)
 
     updates = module.updates_per_step  # optimizer steps per GRPO step; Lightning counts the former
-    checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", filename="step-{step}", every_n_train_steps=cfg.save_every * updates,
-        save_last=True, save_top_k=cfg.keep_checkpoints, monitor="step", mode="max", auto_insert_metric_name=False,
-    )
-    loggers = make_loggers(OmegaConf.to_container(cfg.logger), output_dir, OmegaConf.to_container(cfg, resolve=True),
-                           resume=ckpt_path is not None)
+    checkpoint = RunCheckpoint(output_dir / "checkpoints", cfg.save_every, cfg.keep_checkpoints, updates)
+    if ckpt_path is not None and rank_zero_only.rank == 0:
+        make_present(ckpt_path, output_dir / "checkpoints")  # an earlier step-N.ckpt: later ones go aside
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if rank_zero_only.rank == 0:
+        save_run_config(output_dir, resolved, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
+    loggers = make_loggers(OmegaConf.to_container(cfg.logger), output_dir, resolved, resume=ckpt_path is not None)
+    interrupt = StopOnInterrupt()
     trainer = L.Trainer(
         **trainer_options,
         devices=cfg.devices,
@@ -136,6 +141,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> f
             *([SamplesCallback(output_dir / "samples.jsonl", cfg.samples.every, cfg.samples.count)]
               if cfg.samples.every else []),
             checkpoint,
+            interrupt,
             StepProgressBar(steps),
         ],
         use_distributed_sampler=False,  # StepSampler hands each rank its share of the step's batch
@@ -151,6 +157,10 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> f
         scorer.close()
         engine.close()
         close_loggers(loggers)
+    if interrupt.stopped:
+        print(f"stopped by Ctrl-C after {datamodule.next_step} steps; {output_dir / 'checkpoints' / 'last.ckpt'} holds "
+              f"them: continue with ckpt_path=last output_dir={output_dir}", file=sys.stderr)
+        raise SystemExit(130)
     metric = trainer.callback_metrics.get(optimized_metric(cfg))
     return None if metric is None else float(metric)
 

@@ -6,6 +6,8 @@ POINT is where, during GRPO step STEP (0-based), the process kills itself:
   generate    after the engine has generated a chunk of the step's rollouts
   update      after the first backward of the step's update, before the optimizer step
   checkpoint  halfway through writing the checkpoint file after the step
+  interrupt   not a kill: Ctrl-C (SIGINT to the whole process group, reward workers included) as
+              the step's rollout starts
 """
 
 import os
@@ -53,6 +55,15 @@ if __name__ == "__main__":
             return stats
 
         module.GRPOModule._micro_step = micro_step
+    elif point == "interrupt":
+        original_rollout = RolloutCallback.on_train_batch_start
+
+        def rollout(self, trainer, pl_module, batch, batch_idx):
+            if batch["step"] == step:
+                os.killpg(os.getpgrp(), signal.SIGINT)
+            return original_rollout(self, trainer, pl_module, batch, batch_idx)
+
+        RolloutCallback.on_train_batch_start = rollout
     elif point == "checkpoint":
         original_save = torch.save
 
