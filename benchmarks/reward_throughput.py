@@ -43,7 +43,7 @@ def serial_math_verify(pairs: list[tuple[str, str]], timeout: int) -> tuple[floa
     """The naive baseline: seconds in all, worst seconds for one, and how many passed."""
     from math_verify import parse, verify
 
-    from rlvr.rewards import ground_truth_answer, last_boxed
+    from rlvr.answers import ground_truth_answer, last_boxed
 
     worst, passed = 0.0, 0
     began = time.perf_counter()

@@ -30,7 +30,7 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that solves math problems s
 DEFAULT_INSTRUCTION = (
     "Think step by step inside <think>...</think>. Then give the final answer in \\boxed{}. "
     "Finally, inside <reflection>...</reflection>, say whether you are confident that your answer is "
-    "correct or that it may be wrong."
+    "correct or that it may be wrong, and end it with \"Verdict: correct\" or \"Verdict: wrong\"."
 )
 
 
@@ -197,7 +197,7 @@ def benchmark_example(row: dict, where: str) -> Example:
     minerva_math, olympiadbench) or GSM8K's. Question: `problem`, else `question` (after
     olympiadbench's `context`). Answer: `answer`, else `final_answer` (a list), else the last
     `\\boxed{}` of `solution` (minerva_math has no answer field)."""
-    from rlvr.rewards import last_boxed
+    from rlvr.answers import last_boxed
 
     question = row.get("problem") or row.get("question")
     if not question:

@@ -33,7 +33,8 @@ from transformers import PreTrainedTokenizerBase
 from rlvr.data import Example, build_prompt, load_benchmark
 from rlvr.engine import EngineOptions, RolloutEngine, SamplingParams, eos_ids, make_engine, prompt_seeds, truncated
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, load_tokenizer
-from rlvr.rewards import RewardScorer, last_boxed
+from rlvr.answers import answer_box
+from rlvr.rewards import RewardScorer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -138,7 +139,7 @@ def evaluate_benchmark(
 
     stop = eos_ids(tokenizer.eos_token_id)
     cut = [truncated(c, stop) for c in completions]
-    boxed = [last_boxed(r) for r in responses]
+    boxed = [answer_box(r) for r in responses]  # the box verify graded
     correct = graded.correct.tolist()
     per_problem = lambda xs: [xs[i * k : (i + 1) * k] for i in range(len(examples))]  # noqa: E731
     signals = {s: float(getattr(graded, s).mean()) for s in ("verify", "format", "reflect")}

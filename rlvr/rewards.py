@@ -16,9 +16,9 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
-import re
 import signal
 import sys
+import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -27,39 +27,15 @@ from functools import lru_cache
 
 import torch
 
+from rlvr.answers import answer_box, ground_truth_answer, last_boxed, normalize, too_costly, value_part
+from rlvr.reflection import reflection_verdict
+
 DEFAULT_WEIGHTS = (1.0, 0.5, 0.5)
 SIGNALS = ("verify", "format", "reflect")
 
 # ---------------------------------------------------------------------------------------------
-# Answer extraction and verification
+# Verification (which box, and its normalisation: rlvr.answers)
 # ---------------------------------------------------------------------------------------------
-
-_BOXED = "\\boxed"
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}`, braces balanced; None if there is none or it never closes."""
-    start = text.rfind(_BOXED + "{")
-    while start != -1:
-        depth = 0
-        for i in range(start + len(_BOXED), len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start + len(_BOXED) + 1 : i]
-        # This one never closes; an earlier, complete one may still exist.
-        start = text.rfind(_BOXED + "{", 0, start)
-    return None
-
-
-def ground_truth_answer(ground_truth: str) -> str:
-    """The answer part of a label: the text after the last `####` (GSM8K style), else the label."""
-    if "####" in ground_truth:
-        ground_truth = ground_truth.rsplit("####", 1)[1]
-    return ground_truth.strip()
-
 
 @lru_cache(maxsize=4096)
 def _parse_gold(answer: str) -> tuple:
@@ -70,20 +46,28 @@ def _parse_gold(answer: str) -> tuple:
 
 
 def verify_answer(predicted: str, ground_truth: str) -> bool:
-    """math-verify equivalence of a boxed answer and a label, with no time limit of its own."""
+    """math-verify equivalence of a boxed answer and a label, both normalised (rlvr.answers), with
+    no time limit of its own; answers too costly to parse are wrong."""
     from math_verify import parse, verify
 
-    gold = list(_parse_gold(ground_truth_answer(ground_truth)))
-    pred = parse(f"${predicted}$", parsing_timeout=None)
+    if too_costly(predicted):  # before any regex runs over it
+        return False
+    label = normalize(ground_truth_answer(ground_truth))
+    value = value_part(normalize(predicted), label)
+    if value is None or not value.strip():
+        return False
+    gold = list(_parse_gold(label))
+    pred = parse(f"${value}$", parsing_timeout=None)
     if not gold or not pred:
         return False
     return bool(verify(gold, pred, timeout_seconds=None))
 
 
 def verify_signal(response: str, ground_truth: str) -> float:
-    """1.0 when the last boxed answer equals the ground truth, else 0.0 (no time limit here)."""
-    boxed = last_boxed(response)
-    if boxed is None or not boxed.strip():
+    """1.0 when the answer box (the last before <reflection>) equals the ground truth, else 0.0
+    (no time limit here)."""
+    boxed = answer_box(response)
+    if boxed is None or is_blank(boxed):
         return 0.0
     return float(verify_answer(boxed, ground_truth))
 
@@ -93,11 +77,16 @@ def verify_signal(response: str, ground_truth: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def is_blank(text: str) -> bool:
+    """Nothing visible: white space, zero-width and other invisible format characters only."""
+    return all(char.isspace() or unicodedata.category(char) in ("Cf", "Cc", "Zs", "Mn") for char in text)
+
+
 def format_signal(response: str) -> float:
     """1.0 for `<think>X</think> ... \\boxed{Y} ... <reflection>Z</reflection>` + white space.
 
-    Exactly one of each tag, X, Y and Z non-blank, the box between `</think>` and `<reflection>`,
-    and nothing but white space after `</reflection>`.
+    Exactly one of each tag, X, Y and Z visible (not blank, zero-width characters are blank), the box
+    between `</think>` and `<reflection>`, and nothing but white space after `</reflection>`.
     """
     tags = ("<think>", "</think>", "<reflection>", "</reflection>")
     if any(response.count(tag) != 1 for tag in tags):
@@ -110,26 +99,13 @@ def format_signal(response: str) -> float:
     reflection = response[r_open + len("<reflection>") : r_close]
     tail = response[r_close + len("</reflection>") :]
     boxed = last_boxed(middle)
-    ok = think.strip() and boxed is not None and boxed.strip() and reflection.strip()
-    return 1.0 if ok and not tail.strip() else 0.0
+    ok = not is_blank(think) and boxed is not None and not is_blank(boxed) and not is_blank(reflection)
+    return 1.0 if ok and is_blank(tail) else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
 # Reflection verdict
 # ---------------------------------------------------------------------------------------------
-
-AFFIRM = frozenset({"correct", "right", "accurate", "verified", "confident", "valid", "sure", "certain"})
-DENY = frozenset(
-    {"wrong", "incorrect", "mistake", "mistakes", "error", "errors", "failed", "uncertain", "unsure",
-     "inaccurate", "invalid", "unverified", "flawed"}
-)
-NEGATORS = frozenset(
-    {"not", "no", "never", "nor", "hardly", "cannot", "isn't", "isnt", "aren't", "wasn't", "weren't",
-     "don't", "doesn't", "didn't", "can't", "won't", "couldn't", "shouldn't", "nothing", "without"}
-)
-NEGATION_WINDOW = 3  # a negator up to this many words before a verdict word flips it
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?|[.;:!?]")
-
 
 def reflection_text(response: str) -> str | None:
     """The text inside the first `<reflection>...</reflection>` block, or None."""
@@ -138,32 +114,6 @@ def reflection_text(response: str) -> str | None:
     if start == -1 or end == -1:
         return None
     return response[start + len("<reflection>") : end]
-
-
-def reflection_verdict(text: str) -> bool | None:
-    """True when the text affirms correctness, False when it denies it, None when ambiguous.
-
-    Whole words only ("alright" is not "right", "incorrect" is not "correct"). A verdict word with
-    a negator shortly before it in the same clause is flipped: "not correct" denies, "no errors"
-    affirms. Both verdicts present, or neither, is ambiguous.
-    """
-    words = _WORD.findall(text.lower().replace("\u2019", "'"))
-    affirms = denies = False
-    for i, word in enumerate(words):
-        if word not in AFFIRM and word not in DENY:
-            continue
-        before = []
-        for prev in reversed(words[max(0, i - NEGATION_WINDOW) : i]):
-            if prev in ".;:!?":
-                break
-            before.append(prev)
-        negated = any(prev in NEGATORS or prev.endswith("n't") for prev in before)
-        says_correct = (word in AFFIRM) != negated
-        affirms |= says_correct
-        denies |= not says_correct
-    if affirms == denies:
-        return None
-    return affirms
 
 
 def reflect_signal(response: str, verify: float) -> float:
@@ -185,9 +135,11 @@ def combine(verify: float, fmt: float, reflect: float, weights: Sequence[float])
     return alpha * verify + beta * fmt + gamma * reflect
 
 
-def score(response: str, ground_truth: str, weights: Sequence[float] = DEFAULT_WEIGHTS) -> dict[str, float]:
-    """All signals and the weighted total for one response (verification without a time limit)."""
-    verify = verify_signal(response, ground_truth)
+def score(response: str, ground_truth: str, weights: Sequence[float] = DEFAULT_WEIGHTS,
+          timeout: float | None = 5.0) -> dict[str, float]:
+    """All signals and the weighted total for one response. Verification gets `timeout` seconds
+    (reward.timeout's default; None: unbounded) and scores 0 past it, so no input hangs it."""
+    verify, _ = verify_bounded(response, ground_truth, timeout)
     fmt = format_signal(response)
     reflect = reflect_signal(response, verify)
     return {"verify": verify, "format": fmt, "reflect": reflect, "total": combine(verify, fmt, reflect, weights)}
@@ -279,6 +231,20 @@ def _verify_limited(response: str, ground_truth: str, timeout: float) -> tuple[f
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def verify_bounded(response: str, ground_truth: str, timeout: float | None) -> tuple[float, bool]:
+    """verify_signal within `timeout` seconds -> (score, timed_out): on the main thread under an
+    interval timer, elsewhere (where signals cannot reach) in a process of its own, killed if late."""
+    if timeout is None:
+        return verify_signal(response, ground_truth), False
+    if not _on_main_thread():
+        return verify_isolated(response, ground_truth, timeout)
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        return _verify_limited(response, ground_truth, timeout)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _verify_chunk(items: list[tuple[str, str]], timeout: float) -> list[tuple[float, bool]]:
     return [_verify_limited(response, truth, timeout) for response, truth in items]
 
@@ -286,6 +252,20 @@ def _verify_chunk(items: list[tuple[str, str]], timeout: float) -> list[tuple[fl
 def _isolated(response: str, ground_truth: str, timeout: float, parent: int, out) -> None:
     _worker_init(parent)
     out.send(_verify_limited(response, ground_truth, timeout))
+
+
+def verify_isolated(response: str, ground_truth: str, timeout: float) -> tuple[float, bool]:
+    """One verification in a process of its own, killed if it overruns -> (score, timed_out)."""
+    receive, send = WORKER_CONTEXT.Pipe(duplex=False)
+    process = WORKER_CONTEXT.Process(target=_isolated, args=(response, ground_truth, timeout, os.getpid(), send),
+                                     daemon=True)
+    process.start()
+    # Start-up (imports) plus the time limit; a process that dies first counts as a timeout.
+    ready = mp.connection.wait([receive, process.sentinel], timeout=timeout + 30.0)
+    result = receive.recv() if receive in ready and receive.poll() else (0.0, True)
+    process.kill()
+    process.join()
+    return result
 
 
 class _WorkerProcess(mp.context.SpawnProcess):
@@ -370,8 +350,7 @@ class RewardScorer:
         """Verify scores for all responses and the number of timeouts."""
         items = list(zip(responses, ground_truths, strict=True))
         if self.workers == 0:
-            results = _verify_chunk(items, self.timeout) if _on_main_thread() else [
-                (verify_signal(r, t), False) for r, t in items]
+            results = [verify_bounded(r, t, self.timeout) for r, t in items]
         else:
             results = self._verify_in_pool(items)
         return [s for s, _ in results], sum(t for _, t in results)
@@ -405,15 +384,7 @@ class RewardScorer:
 
     def _verify_isolated(self, response: str, ground_truth: str) -> tuple[float, bool]:
         """One response in its own process, killed if it overruns: the slow path after a stall."""
-        receive, send = WORKER_CONTEXT.Pipe(duplex=False)
-        process = WORKER_CONTEXT.Process(target=_isolated, args=(response, ground_truth, self.timeout, os.getpid(), send), daemon=True)
-        process.start()
-        # Start-up (imports) plus the time limit; a process that dies first counts as a timeout.
-        ready = mp.connection.wait([receive, process.sentinel], timeout=self.timeout + 30.0)
-        result = receive.recv() if receive in ready and receive.poll() else (0.0, True)
-        process.kill()
-        process.join()
-        return result
+        return verify_isolated(response, ground_truth, self.timeout)
 
     def __call__(self, responses: Sequence[str], ground_truths: Sequence[str]) -> RewardBatch:
         verify, timeouts = self.verify_many(responses, ground_truths)

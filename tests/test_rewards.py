@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlvr.answers import answer_box, ground_truth_answer, last_boxed, normalize, too_costly
+from rlvr.reflection import reflection_verdict
 from rlvr.rewards import (
     RewardScorer,
     format_signal,
-    ground_truth_answer,
-    last_boxed,
     pearson,
     reflect_signal,
-    reflection_verdict,
     score,
     score_batch,
     verify_signal,
@@ -54,7 +53,7 @@ def test_last_boxed_balances_braces_and_takes_the_last():
         (r"\boxed{(3, \frac{\pi}{2})}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
         (r"\boxed{1+x^2}", "x^2+1", 1.0),
         (r"\boxed{17}", "18", 0.0),
-        (r"\boxed{18} was wrong, it is \boxed{17}", "18", 0.0),  # only the last box counts
+        (r"\boxed{18} was wrong, it is \boxed{17}", "18", 0.0),  # only the last box counts (no reflection)
         ("The answer is 18.", "18", 0.0),  # no box, no credit
         (r"\boxed{}", "18", 0.0),
     ],
@@ -66,6 +65,47 @@ def test_verify(response, truth, expected):
 def test_ground_truth_answer():
     assert ground_truth_answer("work\n#### 1,000") == "1,000"
     assert ground_truth_answer(r" \frac{1}{2} ") == r"\frac{1}{2}"
+
+
+def with_box(box: str, reflection: str = "I am confident it is correct.") -> str:
+    return f"<think>work</think> The answer is \\boxed{{{box}}}. <reflection>{reflection}</reflection>"
+
+
+def test_the_graded_box_is_the_one_before_the_reflection():
+    assert answer_box(with_box("4", r"Actually it is \boxed{7}.")) == "4"
+    assert verify_signal(with_box("4", r"Actually it is \boxed{7}."), "4") == 1.0  # a box in the reflection cannot erase it
+    assert verify_signal(with_box("7", r"Actually it is \boxed{4}."), "4") == 0.0  # ... nor override a wrong one
+    assert answer_box(r"\boxed{3} no reflection, then \boxed{5}") == "5"  # without a reflection: the last box
+    assert answer_box(r"<think>\boxed{2}</think> <reflection>ok</reflection>") == "2"  # the last box before it
+    assert verify_signal(r"<think>w</think> \boxed {4} <reflection>correct</reflection>", "4") == 1.0  # \boxed {4} is LaTeX
+    assert last_boxed(r"\boxed  {\frac{1}{2}}") == r"\frac{1}{2}"
+
+
+@pytest.mark.parametrize(("box", "truth", "expected"), [
+    ("\uff11\uff18", "18", 1.0),  # full-width digits (NFKC)
+    (r"1\,000", "1000", 1.0), (r"1\ 000", "1000", 1.0), ("1{,}000", "1000", 1.0), ("1\u2009000", "1000", 1.0),
+    ("18 dollars", "18", 1.0), ("12 apples.", "12", 1.0), ("5 cm", "5", 1.0),  # a trailing unit word
+    ("3 pi", "3", 0.0),  # ... but not a mathematical word
+    (r"0.\overline{3}", r"\frac{1}{3}", 1.0), (r"0.1\overline{6}", "1/6", 1.0), (r"1.\bar{09}", r"\frac{12}{11}", 1.0),
+    ("5 = 4", "4", 0.0), ("2+2=4", "4", 0.0), (r"\le 4", "4", 0.0), (r"x \le 4", "4", 0.0), ("x < 4", "4", 0.0),
+    ("x = 4", "4", 1.0),  # a name, then the value
+    (r"x \le 4", r"x \le 4", 1.0),  # the label is a relation itself
+    # what already worked keeps working
+    (r"18\text{ dollars}", "18", 1.0), (r"50\%", "50", 1.0), ("1,000", "1000", 1.0), (r"\dfrac{1}{2}", "0.5", 1.0),
+    ("[1, 2)", "[1,2)", 1.0), (r"\{1, 2\}", r"\{1,2\}", 1.0), ("(1, 2)", "(1,2)", 1.0), (r"90^\circ", "90", 1.0),
+    ("\u22125", "-5", 1.0), ("18", "work\n#### 18", 1.0),
+    (r"\begin{pmatrix}1\\\\2\end{pmatrix}", r"\begin{pmatrix}1\\\\2\end{pmatrix}", 1.0),
+])
+def test_answers_are_normalised_as_a_careful_grader_reads_them(box, truth, expected):
+    assert verify_signal(with_box(box), truth) == expected
+
+
+def test_normalize_by_hand():
+    assert normalize("\uff14\uff12") == "42" and normalize(r"1\,234\,567") == "1234567"
+    assert normalize(r"0.\overline{3}") == r"\frac{1}{3}" and normalize(r"2.\overline{5}") == r"\frac{23}{9}"
+    assert normalize("18 dollars") == "18" and normalize("x^2 + 1") == "x^2 + 1"
+    assert too_costly("9" * 5_000) and too_costly("{" * 50 + "}" * 50) and too_costly("10^{10^{10}}")
+    assert not too_costly("e^{x^2}") and not too_costly(r"\frac{1}{2}") and not too_costly("2^{2^{3}}")
 
 
 # -- format ------------------------------------------------------------------------------------
@@ -90,6 +130,9 @@ def test_format_accepts_the_full_structure():
         r"<think>x</think><reflection>correct</reflection>\boxed{18}",  # box after the reflection
         r"\boxed{18}<think>x</think><reflection>correct</reflection>",  # box before </think> only
         "<think>x</think> \\boxed{18}",  # no reflection
+        GOOD.replace("6 * 3 = 18", "\u200b\u200c"),  # zero-width thinking is blank
+        GOOD.replace(r"\boxed{18}", "\\boxed{\u200b\u2060}"),  # a zero-width box is blank
+        GOOD.replace("I checked it; the answer is correct.", "\ufeff"),
     ],
 )
 def test_format_rejects(response):
@@ -106,31 +149,85 @@ def test_the_prompt_is_never_scored():
 # -- reflect -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("text", "verdict"),
-    [
-        ("The answer is correct.", True),
-        ("I verified each step and I am confident.", True),
-        ("Everything looks right.", True),
-        ("This is accurate.", True),
-        ("I made a mistake somewhere.", False),
-        ("The result is incorrect.", False),  # "incorrect" is not "correct"
-        ("That is wrong.", False),
-        ("I am uncertain.", False),
-        ("The check failed.", False),
-        ("This is not correct.", False),
-        ("It isn't right.", False),
-        ("It isn\u2019t right.", False),  # typographic apostrophe
-        ("I am not confident.", False),
-        ("I found no errors.", True),  # a negated denial affirms
-        ("Alright, let me think.", None),  # "alright" is not "right"
-        ("I am confident, but there may be an error.", None),  # both: ambiguous
-        ("Let me look at it again.", None),  # neither: ambiguous
-        ("Not sure. The method is correct.", None),  # negation stays in its clause: deny, then affirm
-    ],
-)
+REFLECTIONS = [  # (text, the verdict a careful reader takes from it)
+    ("The answer is correct.", True),
+    ("I verified each step and I am confident.", True),
+    ("Everything looks right.", True),
+    ("This is accurate.", True),
+    ("It checks out.", True),
+    ("I made a mistake somewhere.", False),
+    ("The result is incorrect.", False),  # "incorrect" is not "correct"
+    ("That is wrong.", False),
+    ("I am uncertain.", False),
+    ("The check failed.", False),
+    ("This is not correct.", False),
+    ("I found no errors.", True),  # a negated denial affirms
+    ("I could not find any mistakes.", True),
+    ("There is no mistake, the answer is correct.", True),
+    # negation governs its clause, not a window of words
+    ("I don't think my answer is correct.", False),
+    ("I do not believe this is right.", False),
+    ("It is far from correct.", False),
+    ("I doubt it is correct.", False),
+    ("No doubt, it is correct.", True),
+    # certainty words modify the verdict they govern
+    ("I am confident it is wrong.", False),
+    ("I'm not sure the result is right.", False),
+    ("I'm sure there are no errors.", True),
+    ("I am confident.", True),
+    ("I am not confident.", False),
+    ("Not sure.", False),
+    ("It might be wrong.", False),
+    ("It might be correct.", None),  # a hedge says neither
+    # adverbs
+    ("I added them correctly.", True),
+    ("I added them wrongly.", False),
+    ("I subtracted incorrectly in step 2.", False),
+    # questions, answered or not
+    ("Is it right? No.", False),
+    ("Is it right? Yes.", True),
+    ("Did I make a mistake? No.", True),
+    ("Is the answer wrong? Yes, in step 2.", False),
+    ("Is it right?", None),
+    # mathematical uses of verdict words
+    ("The triangle has a right angle, and the answer is correct.", True),
+    ("The triangle has a right angle.", None),
+    ("I used the error function.", None),
+    ("The error term vanishes, so the answer is right.", True),
+    ("To make sure, I checked again; it is correct.", True),
+    ("The formula is valid for x > 0.", None),
+    ("Let me correct that.", None),  # a verb
+    ("I found an error in step 2 and fixed it; the answer is now correct.", True),
+    # every apostrophe
+    ("It isn't right.", False),
+    ("It isn\u2019t right.", False),
+    ("This isn`t right.", False),
+    ("It isn\u00b4t right.", False),
+    # an explicit closing verdict decides
+    ("Verdict: wrong", False),
+    ("I think it's right. Verdict: correct", True),
+    ("I am confident it is correct. Verdict: wrong", False),
+    ("Some doubts remain.\nVerdict: **correct**", True),
+    # ambiguous or missing
+    ("Alright, let me think.", None),  # "alright" is not "right"
+    ("I am confident, but there may be an error.", None),  # both: ambiguous
+    ("Let me look at it again.", None),  # neither
+    ("Not sure. The method is correct.", None),  # one clause doubts, the other affirms
+    ("I am not sure it is wrong.", None),  # doubt about a denial commits to nothing
+]
+
+
+@pytest.mark.parametrize(("text", "verdict"), REFLECTIONS)
 def test_reflection_verdict(text, verdict):
     assert reflection_verdict(text) is verdict
+
+
+@pytest.mark.parametrize(("text", "verdict"), REFLECTIONS)
+def test_reflect_rewards_a_verdict_that_agrees_with_verify_on_a_right_and_a_wrong_answer(text, verdict):
+    right, wrong = with_box("18", text), with_box("17", text)
+    assert verify_signal(right, "18") == 1.0 and verify_signal(wrong, "18") == 0.0
+    assert score(right, "18")["reflect"] == (1.0 if verdict is True else 0.0)
+    assert score(wrong, "18")["reflect"] == (1.0 if verdict is False else 0.0)
 
 
 def test_reflect_is_calibration_against_verify():
@@ -188,21 +285,53 @@ def test_in_process_scoring_agrees(scorer):
     assert torch.equal(a.total, b.total)
 
 
+PATHOLOGICAL = [  # answers that would keep a CAS busy for minutes: wrong at once
+    "9" * 200_000,
+    "{" * 10_000 + "1" + "}" * 10_000,
+    "(x+1)^{(x+1)^{(x+1)^{(x+1)^{99999}}}}",
+    "9^{9^{9^{9}}}",
+    "10^{10^{10}}",
+    "2^{9999999}",
+    "99999!",
+]
+
+
+@pytest.mark.parametrize("answer", PATHOLOGICAL, ids=range(len(PATHOLOGICAL)))
+def test_plain_score_never_hangs(answer):
+    began = time.perf_counter()
+    assert score(f"<think>w</think> \\boxed{{{answer}}} <reflection>correct</reflection>", "18")["verify"] == 0.0
+    assert time.perf_counter() - began < 10
+
+
+def test_score_is_bounded_by_its_time_limit_on_and_off_the_main_thread():
+    """A slow but legitimate-looking answer (a polynomial of degree 99,999) runs into the limit."""
+    import threading
+
+    slow = r"\boxed{(x+1)^{99999}}"
+    began = time.perf_counter()
+    assert score(slow, "(x+1)^{99998}", timeout=1.0)["verify"] == 0.0  # main thread: an interval timer
+    assert time.perf_counter() - began < 5
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(score(slow, "(x+1)^{99998}", timeout=1.0)))
+    began = time.perf_counter()
+    thread.start()
+    thread.join(60)
+    assert result["verify"] == 0.0 and time.perf_counter() - began < 45  # elsewhere: a process, killed when late
+
+
 def test_pathological_responses_time_out_without_stalling():
-    nested = "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}"
-    huge = "\\boxed{" + "9" * 200_000 + "}"
-    tower = "\\boxed{(x+1)^{(x+1)^{(x+1)^{(x+1)^{99999}}}}}"
-    responses = [GOOD] * 6 + [nested, huge, tower]
-    truths = ["18"] * 8 + ["(x+1)^{(x+1)^{(x+1)^{(x+1)^{99998}}}}"]
+    slow = r"\boxed{(x+1)^{99999}}"  # passes every guard; only the timer stops it
+    responses = [GOOD] * 6 + [f"\\boxed{{{a}}}" for a in PATHOLOGICAL[:3]] + [slow]
+    truths = ["18"] * 9 + ["(x+1)^{99998}"]
     with RewardScorer(workers=2, timeout=1.0) as s:
         s([GOOD], ["18"])  # start the pool outside the timed part
         began = time.perf_counter()
         batch = s(responses, truths)
         elapsed = time.perf_counter() - began
     assert batch.verify[:6].tolist() == [1.0] * 6
-    assert batch.verify[6:].tolist() == [0.0] * 3
-    assert batch.timeouts >= 1
-    assert elapsed < 20  # each slow one costs at most its 1 s limit (plus a pool restart if stuck)
+    assert batch.verify[6:].tolist() == [0.0] * 4
+    assert batch.timeouts == 1  # the guarded ones are wrong at once; the slow one ran into its 1 s limit
+    assert elapsed < 20
 
 
 def test_a_dead_worker_is_replaced_and_its_batch_rescored():
