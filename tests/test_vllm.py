@@ -165,3 +165,21 @@ def test_training_on_vllm_killed_and_resumed_matches_an_uninterrupted_run(tmp_pa
     for row in reference:  # the engine samples with the trainer's weights, to fp32 rounding
         assert float(row["rollout/logprob_gap_max"]) < 1e-3
         assert float(row["rollout/tokens_per_s"]) > 0
+
+
+@pytest.mark.slow
+def test_under_ddp_each_rank_has_its_own_engine_and_two_ranks_train_as_one(tmp_path):
+    """Two gloo processes, one vLLM engine each, joined to the trainer's process group: every prompt
+    samples from its own seed, so the two ranks together draw what one process draws."""
+    common = ["gpu=cpu", "rollout.engine=vllm", "batch_size=4", "rollout.n=4", "seed=3", "steps=2", "save_every=1",
+              "samples.every=null", "optim.lr=1e-3", "grpo.micro_batch_size=4"]
+    for devices in (1, 2):
+        folder = tmp_path / f"devices-{devices}"
+        folder.mkdir()
+        done = run("tests/ddp_run.py", str(folder), *common, f"devices={devices}", f"output_dir={folder}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = metrics(tmp_path / "devices-1"), metrics(tmp_path / "devices-2")
+    assert [r["step"] for r in two] == ["0", "1"]
+    for a, b in zip(two, one, strict=True):
+        for key in ("reward/total", "train/loss", "train/grad_norm", "response_length/mean"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), (a["step"], key)
