@@ -108,6 +108,32 @@ def test_hf_engine_is_seeded_and_takes_weights(tokenizer):
     assert engine.generate(prompts, params, [5, 9]).tokens == reference.tokens
 
 
+def test_hf_engine_decodes_in_its_own_dtype_and_takes_weights_across_dtypes(tokenizer):
+    """bf16 decoding beside fp32 master weights: a bf16 copy, refreshed (cast) by load_weights."""
+    policy = make_policy(tokenizer, seed=0)
+    engine = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=torch.bfloat16)
+    assert engine.model is not policy and all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
+    assert HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=torch.float32).model is policy
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(2.0)
+    engine.load_weights(policy.named_parameters())
+    assert torch.equal(engine.model.model.norm.weight, policy.model.norm.weight.to(torch.bfloat16))
+    out = engine.generate([[1, 2, 3]], SamplingParams(n=2, temperature=1.0, max_new_tokens=5), [3])
+    assert len(out.tokens) == 2 and all(len(t) == len(lp) for t, lp in zip(out.tokens, out.logprobs))
+
+
+def test_hf_engine_logprobs_are_the_samplers_tempered_distribution(tokenizer):
+    policy = make_policy(tokenizer, seed=0)
+    engine = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    prompt = [10, 11, 12, 13]
+    out = engine.generate([prompt], SamplingParams(n=2, temperature=0.7, max_new_tokens=6), [9])
+    for tokens, logprobs in zip(out.tokens, out.logprobs):
+        with torch.no_grad():
+            logits = policy(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1] / 0.7
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-5)
+
+
 def test_a_prompts_samples_do_not_depend_on_its_batch_or_chunking(tokenizer):
     """What lets two ranks together draw exactly what one process draws."""
     engine = HFEngine(make_policy(tokenizer, seed=0), tokenizer.pad_token_id, tokenizer.eos_token_id)

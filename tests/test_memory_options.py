@@ -1,0 +1,54 @@
+"""Each memory-lean option of the training side trains the tiny model through the real config and
+resumes exactly: torchao's 8-bit and 4-bit AdamW, bf16 weights with stochastic rounding, a bf16 KL
+reference, gradient checkpointing."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from rlvr import checkpoints
+from rlvr.train import CONF_DIR, train
+
+pytest.importorskip("torchao", reason='the lean optimizers need torchao: pip install -e ".[lean]"')
+
+COMMON = ["gpu=cpu", "mode=quick", "seed=1", "save_every=1", "samples.every=null", "optim.lr=1e-3"]
+COMPARED = ["reward/total", "train/loss", "train/grad_norm", "train/kl", "response_length/mean"]
+OPTIONS = {
+    "adamw8bit": ["optim.name=adamw8bit"],
+    "adamw4bit": ["optim.name=adamw4bit"],
+    "bf16-weights": ["trainer.precision=bf16-true", "optim.bf16_stochastic_round=true", "grpo.reference_dtype=bfloat16"],
+    "bf16-reference": ["grpo.reference_dtype=bfloat16"],
+    "checkpointing": ["model.gradient_checkpointing=true"],
+}
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*COMMON, *overrides])
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_a_memory_option_trains_and_resumes_exactly(tmp_path, name):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(config(*OPTIONS[name], "steps=2", f"output_dir={straight}"))
+    train(config(*OPTIONS[name], "steps=1", f"output_dir={resumed}"))
+    train(config(*OPTIONS[name], "steps=2", "ckpt_path=last", f"output_dir={resumed}"))
+
+    rows, reference = metrics(resumed), metrics(straight)
+    assert [r["step"] for r in rows] == ["0", "1"]
+    for a, b in zip(rows, reference, strict=True):
+        for key in COMPARED:
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), (name, a["step"], key)
+    first = checkpoints.load(resumed / "checkpoints" / "step-1.ckpt")["state_dict"]
+    last = checkpoints.load(resumed / "checkpoints" / "last.ckpt")["state_dict"]
+    assert any(not torch.equal(first[k], last[k]) for k in first if k.startswith("policy."))  # it did train
+    if name == "bf16-weights":
+        assert all(v.dtype == torch.bfloat16 for k, v in last.items() if k.startswith("policy."))
