@@ -62,6 +62,6 @@ for name in memory_l4 memory_baseline; do
     echo "-- $name"; grep -E "^(profile|l4|h100) |^peak_gib" "$OUT/$name.log" || tail -5 "$OUT/$name.log"
 done
 for name in breakdown_l4 breakdown_h100; do
-    echo "-- $name"; grep -A3 -E "^engine " "$OUT/$name.log" | head -4 || true; grep -E "^peak" "$OUT/$name.log" || tail -5 "$OUT/$name.log"
+    echo "-- $name"; sed -n '/ on gpu=/,$p' "$OUT/$name.log" | grep -v "^$" || tail -5 "$OUT/$name.log"
 done
 echo "-- gpu_tests"; tail -3 "$OUT/gpu_tests.log"

@@ -305,7 +305,8 @@ def main() -> None:
         runs = [(spec["gpu"], spec["model"], int(spec["tokens"]) if "tokens" in spec else None)]
     if args.baseline:
         runs = [("h100", "qwen2.5-math-1.5b", 256)]
-        extra += ["batch_size=16", "rollout.n=8", "grpo.micro_batch_size=16"]
+        extra += ["batch_size=16", "rollout.n=8", "grpo.micro_batch_size=16", "model.gradient_checkpointing=false",
+                  "grpo.reference_dtype=null"]
 
     where = torch.cuda.get_device_name() if args.cuda else "computed on CPU with fake tensors"
     print(f"training-side peak of one GRPO update, GiB ({where}); vLLM awake = gpu_memory_utilization x card")

@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from rlvr.cli import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step by step."
@@ -40,7 +42,7 @@ class Example:
     answer: str
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A malformed data file, named with its row and the field that is wrong."""
 
 

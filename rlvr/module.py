@@ -25,7 +25,7 @@ import copy
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import lightning as L
 import numpy as np
@@ -34,67 +34,10 @@ import torchmetrics
 from torch import nn
 
 from rlvr import grpo
+from rlvr.grpo import GRPOConfig  # noqa: F401  (the step's settings live with the math: cheap to import and check)
 from rlvr.optim import make_optimizer
 from rlvr.rewards import pearson
 from rlvr.rollout import Rollout
-
-
-@dataclass
-class GRPOConfig:
-    n: int = 8  # samples per prompt (the group)
-    ppo_epochs: int = 1
-    mini_batch_size: int | None = None  # prompts per update; None = the whole batch, one update
-    micro_batch_size: int = 8  # sequences per forward/backward
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.001
-    entropy_coef: float = 0.001
-    loss_agg: grpo.LossAgg = "token-mean"
-    scale_advantages: bool = True  # False: Dr. GRPO, no division by the group's std
-    temperature: float = 1.0  # the sampling temperature, so log-probs match the sampler
-    max_new_tokens: int = 1024  # the horizon of seq-mean-token-sum-norm
-    tis_cap: float | None = 2.0  # truncated importance sampling min(pi_old / pi_engine, cap); None: off
-    logprob_chunk_tokens: int = 512  # positions per chunk through the LM head
-    reference_dtype: str | None = None  # the KL reference's dtype (e.g. bfloat16); None: the policy's
-    optimizer: str = "adamw"  # rlvr.optim.OPTIMIZERS
-    bf16_stochastic_round: bool = False  # torchao optimizers on bf16 weights
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0  # updates of linear warm-up, then constant
-    max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
-
-    def __post_init__(self) -> None:
-        """Reject settings that cannot train, naming the config key and the reason."""
-        if self.n < 2:
-            raise ValueError(f"rollout.n={self.n}: GRPO compares samples within a group, so it needs n >= 2")
-        if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature={self.temperature}: training needs sampling (> 0); greedy "
-                             "samples of a group are identical and give no signal")
-        for key in ("ppo_epochs", "micro_batch_size", "max_new_tokens", "max_consecutive_skips", "logprob_chunk_tokens"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"grpo.{key}={getattr(self, key)} must be at least 1")
-        if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ValueError(f"grpo.mini_batch_size={self.mini_batch_size} must be at least 1 (or null)")
-        if self.loss_agg not in grpo.LOSS_AGGS:
-            raise ValueError(f"grpo.loss_agg={self.loss_agg!r}; choose one of {list(grpo.LOSS_AGGS)}")
-        if self.clip_low < 0 or self.clip_high < 0 or self.kl_coef < 0 or self.lr <= 0:
-            raise ValueError("grpo.clip_low, grpo.clip_high and grpo.kl_coef must be >= 0, and optim.lr > 0")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"grpo.tis_cap={self.tis_cap} must be > 0 (or null to turn it off)")
-
-    def updates_per_step(self, batch_size: int, world: int = 1) -> int:
-        """Optimizer steps per GRPO step; `world` processes each take an equal share of every mini-batch."""
-        mini = self.mini_batch_size or batch_size
-        if batch_size % mini:
-            raise ValueError(f"batch_size={batch_size} is not divisible by grpo.mini_batch_size={mini}: "
-                             "a mini-batch must hold whole groups of the batch")
-        if mini % world:
-            key = "grpo.mini_batch_size" if self.mini_batch_size else "batch_size"
-            raise ValueError(f"{key}={mini} is not divisible by the {world} processes (devices x num_nodes): "
-                             "each needs the same number of whole groups")
-        return self.ppo_epochs * (batch_size // mini)
 
 
 def reference_copy(policy: nn.Module, dtype: str | None) -> nn.Module:

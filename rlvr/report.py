@@ -101,6 +101,30 @@ def summary(series: Series) -> str:
 # -- a multirun: one row and one curve per job ----------------------------------------------
 
 
+RUN_KEYS = ("output_dir", "ckpt_path", "steps")  # what the resume command sets itself
+
+
+def run_summary(run_dir: str | Path, overrides: list[str], total_steps: int) -> str:
+    """What a finished (or stopped) run prints: where it is, how far it got, its first and last
+    metrics, and the commands that continue, evaluate and plot it."""
+    run_dir = Path(run_dir)
+    series = read_metrics(run_dir)
+    done = max((step for points in series.values() for step, _ in points), default=-1) + 1
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in RUN_KEYS]
+    target = total_steps if done < total_steps else 2 * total_steps  # stopped early: finish; else: go on
+    last = run_dir / "checkpoints" / "last.ckpt"
+    evaluate = ["python -m rlvr.evaluate", f"model={last}", *[o for o in kept if o.startswith("gpu=")],
+                "benchmarks=[gsm8k]", "limit=50"]
+    return "\n".join([
+        f"run folder: {run_dir}  ({done} of {total_steps} steps done; the newest state is {last})",
+        summary(series),
+        "next:",
+        "  continue  " + " ".join(["python -m rlvr.train", *kept, f"output_dir={run_dir}", "ckpt_path=last", f"steps={target}"]),
+        "  evaluate  " + " ".join(evaluate),
+        f"  plot      python -m rlvr.report {run_dir}",
+    ])
+
+
 def job_dirs(folder: str | Path) -> list[Path]:
     """The job folders of a Hydra multirun (0/, 1/, ...: each holds metrics.csv), in job order."""
     jobs = [d for d in Path(folder).iterdir() if d.is_dir() and (d / "metrics.csv").is_file()]

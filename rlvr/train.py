@@ -1,49 +1,48 @@
-"""Train with GRPO: `python -m rlvr.train mode=ultra-quick gpu=cpu [key=value ...]`.
+"""Train with GRPO: `python -m rlvr.train mode=quick gpu=cpu [key=value ...]` (or `rlvr-train`).
 
-The composition root: reads the Hydra config, builds the data, policy, engine, reward, callbacks,
-logger and trainer, calls `fit` (resuming from `ckpt_path`), and returns the metric a sweep
-optimizes. Training logic lives in rlvr.module, rollouts in callbacks.rollout.
+The composition root: checks the config (rlvr.cli), builds the data, policy, engine, reward,
+callbacks, logger and trainer, calls `fit` (resuming from `ckpt_path`), prints where the run is and
+what to do next, and returns the metric a sweep optimizes. Training logic lives in rlvr.module,
+rollouts in callbacks.rollout.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
-import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.interrupt import StopOnInterrupt
-from callbacks.progress import StepProgressBar
-from callbacks.rollout import RolloutCallback
-from callbacks.samples import SamplesCallback
-from callbacks.validation import ValidationCallback
-from rlvr.checkpoints import AtomicCheckpointIO, RunCheckpoint, make_present, resolve_ckpt_path
-from rlvr.data import PromptDataModule, load_benchmark, load_examples
-from rlvr.distributed import shards_weights
-from rlvr.engine import EngineOptions, RolloutEngine, SamplingParams, make_engine
-from rlvr.evaluate import benchmark_source
-from rlvr.loggers import close_loggers, make_loggers, save_run_config
-from rlvr.models import ModelSpec, check_context, load_model, load_tokenizer
-from rlvr.module import GRPOConfig, GRPOModule
-from rlvr.rewards import RewardScorer, weights_from_env
+from rlvr.cli import UserError, check_config, check_overrides, fail, grpo_config, model_argument, quiet
+
+if TYPE_CHECKING:  # the training stack is imported in train(): a wrong command fails before Lightning's import
+    import lightning as L
+
+    from callbacks.validation import ValidationCallback
+    from rlvr.engine import RolloutEngine
+    from rlvr.rewards import RewardScorer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger(__name__)
 # Lightning warns that manual optimization saves the weights after the update: that is what resume needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # a resume: it should
 
 
 def validation(cfg: DictConfig, engine: RolloutEngine, scorer: RewardScorer, tokenizer, steps: int) -> ValidationCallback:
+    from callbacks.validation import ValidationCallback
+    from rlvr.data import load_benchmark
+    from rlvr.engine import SamplingParams
+    from rlvr.evaluate import benchmark_source
+
     v = cfg.validation
     sources = OmegaConf.to_container(cfg.benchmark_sources, resolve=True)
     benchmarks = {name: load_benchmark(benchmark_source(name, sources), limit=v.limit) for name in v.benchmarks}
@@ -55,17 +54,11 @@ def validation(cfg: DictConfig, engine: RolloutEngine, scorer: RewardScorer, tok
 def reward_scorer(cfg: DictConfig) -> RewardScorer:
     """The reward module with the run's weights (a sweep sets reward.alpha/beta/gamma). By default
     the processes of one node share its cores."""
+    from rlvr.rewards import RewardScorer, weights_from_env
+
     weights = weights_from_env((cfg.reward.alpha, cfg.reward.beta, cfg.reward.gamma))
     workers = cfg.reward.workers if cfg.reward.workers is not None else max(1, (os.cpu_count() or 1) // cfg.devices)
     return RewardScorer(weights, timeout=cfg.reward.timeout, workers=workers)
-
-
-def world_size(cfg: DictConfig) -> int:
-    """Training processes: `devices` per node times `num_nodes` (both plain integers)."""
-    for key in ("devices", "num_nodes"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"{key}={cfg[key]!r} must be a positive integer")
-    return cfg.devices * cfg.num_nodes
 
 
 def optimized_metric(cfg: DictConfig) -> str:
@@ -75,17 +68,37 @@ def optimized_metric(cfg: DictConfig) -> str:
     return f"val/{cfg.validation.benchmarks[0]}/accuracy" if cfg.validation.benchmarks else "reward/accuracy"
 
 
-def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> float | None:
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, checked: bool = False) -> float | None:
     """Builds and runs one training job. `extra_callbacks` (a benchmark's step timer, say) run
     before rlvr's own, so their batch hooks bracket the rollout too."""
+    if not checked:
+        check_config(cfg)
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from callbacks.interrupt import StopOnInterrupt
+    from callbacks.progress import StepProgressBar
+    from callbacks.rollout import RolloutCallback
+    from callbacks.samples import SamplesCallback
+    from rlvr.checkpoints import AtomicCheckpointIO, RunCheckpoint, make_present, resolve_ckpt_path
+    from rlvr.data import PromptDataModule, load_examples
+    from rlvr.distributed import shards_weights
+    from rlvr.engine import EngineOptions, SamplingParams, make_engine
+    from rlvr.loggers import close_loggers, make_loggers, save_run_config
+    from rlvr.models import ModelSpec, check_context, load_model, load_tokenizer
+    from rlvr.module import GRPOModule
+    from rlvr.report import run_summary
+
     L.seed_everything(cfg.seed, workers=True)
-    world = world_size(cfg)
+    world = cfg.devices * cfg.num_nodes
     output_dir = Path(cfg.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
 
     spec = ModelSpec.from_config(cfg.model)
     tokenizer = load_tokenizer(spec)
-    policy = load_model(spec, tokenizer, dtype=torch.float32)
+    policy = load_model(spec, tokenizer, dtype=torch.float32).train()  # from_pretrained returns eval mode
     if cfg.model.gradient_checkpointing:  # non-reentrant: the variant that works under DDP and FSDP
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -96,16 +109,11 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> f
         max_prompt_tokens=max_prompt_tokens, system_prompt=cfg.prompt.system, instruction=cfg.prompt.instruction,
     )
     datamodule.setup()
-    check_context(policy, datamodule.longest_prompt, cfg.rollout.max_new_tokens)
+    check_context(policy, datamodule.longest_prompt, cfg.rollout.max_new_tokens)  # needs the model: here, not in check_config
     steps = cfg.steps if cfg.steps is not None else cfg.epochs * datamodule.batches_per_epoch
 
     sampling = SamplingParams(cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    grpo_config = GRPOConfig(
-        n=sampling.n, temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens,
-        optimizer=optim.pop("name"), **cfg.grpo, **optim,
-    )
-    module = GRPOModule(policy, grpo_config, batch_size=cfg.batch_size, model_spec=asdict(spec), world=world)
+    module = GRPOModule(policy, grpo_config(cfg), batch_size=cfg.batch_size, model_spec=asdict(spec), world=world)
 
     trainer_options = instantiate(cfg.trainer, _convert_="all")  # a strategy may be a _target_ object (FSDP)
     # The engine generates with the policy itself, unless the strategy shards it: then with a full copy
@@ -157,6 +165,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> f
         scorer.close()
         engine.close()
         close_loggers(loggers)
+    if trainer.is_global_zero:
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        log.info("\n%s", run_summary(output_dir, overrides, steps))
     if interrupt.stopped:
         print(f"stopped by Ctrl-C after {datamodule.next_step} steps; {output_dir / 'checkpoints' / 'last.ckpt'} holds "
               f"them: continue with ckpt_path=last output_dir={output_dir}", file=sys.stderr)
@@ -166,13 +177,29 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> f
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    # Hydra's resolved run folder: each job of a multirun (`-m`) gets its own, and the processes
-    # Lightning starts for DDP are handed the first process's (`output_dir` may hold `${now:}`).
-    cfg.output_dir = HydraConfig.get().runtime.output_dir
-    return train(cfg)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        check_config(cfg, profile=HydraConfig.get().runtime.choices.get("gpu"))
+        # Hydra's resolved run folder: each job of a multirun (`-m`) gets its own, and the processes
+        # Lightning starts for DDP are handed the first process's (`output_dir` may hold `${now:}`).
+        cfg.output_dir = str(run_dir)
+        return train(cfg, checked=True)
+    except UserError as error:  # a bad setting, data row or checkpoint: one line, status 2
+        fail(error, run_dir)
+
+
+def main() -> float | None:
+    """`rlvr-train` and `python -m rlvr.train`: the checks that need no config come first."""
+    quiet()
+    argv = model_argument(sys.argv[1:])
+    try:
+        check_overrides(argv)
+    except UserError as error:
+        fail(error)
+    sys.argv = [sys.argv[0], *argv]
+    return _hydra_main()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from ddp_run import digest
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["gpu=cpu", "batch_size=4", "rollout.n=4", "seed=3", "save_every=1", "samples.every=null",
+COMMON = [*TINY, "batch_size=4", "rollout.n=4", "seed=3", "save_every=1", "samples.every=null",
           "optim.lr=1e-3", "grpo.micro_batch_size=4"]  # micro 4 < 8 rows per rank: accumulation too
 
 

@@ -14,10 +14,12 @@ from hydra import compose, initialize_config_dir
 from rlvr import report
 from rlvr.data import DataError, benchmark_example, load_benchmark
 from rlvr.engine import Generation, SamplingParams
-from rlvr.evaluate import evaluate, evaluate_benchmark, majority_correct, model_argument, pass_at_k, summarize
+from rlvr.cli import model_argument
+from rlvr.evaluate import evaluate, evaluate_benchmark, majority_correct, pass_at_k, summarize
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, tiny_tokenizer
 from rlvr.rewards import RewardScorer, ground_truth_answer, verify_signal
 from rlvr.train import CONF_DIR, train
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -151,7 +153,8 @@ def test_gold_answers_score_100_and_wrong_answers_0(source):
 def test_model_argument_takes_configs_ids_folders_and_checkpoints():
     assert model_argument(["model=tiny", "limit=3"]) == ["model=tiny", "limit=3"]
     assert model_argument(["model=Qwen/Qwen2.5-Math-1.5B"]) == ["model.name=Qwen/Qwen2.5-Math-1.5B"]
-    assert model_argument(["model=runs/a/checkpoints/last.ckpt"]) == ["checkpoint=runs/a/checkpoints/last.ckpt"]
+    assert model_argument(["model=runs/a/checkpoints/last.ckpt"], checkpoints=True) == ["checkpoint=runs/a/checkpoints/last.ckpt"]
+    assert model_argument(["model=/models/qwen"]) == ["model.name=/models/qwen"]  # rlvr.train takes folders too
     assert model_argument(["model.name=x"]) == ["model.name=x"]
 
 
@@ -173,7 +176,7 @@ def test_evaluate_command_on_math500_and_gsm8k_slices(tmp_path):
 
 def test_evaluate_rebuilds_the_policy_from_a_training_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    train(compose_config("config", "gpu=cpu", "mode=ultra-quick", "optim.lr=1e-3", f"output_dir={run_dir}"))
+    train(compose_config("config", *TINY, "mode=ultra-quick", "optim.lr=1e-3", f"output_dir={run_dir}"))
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     spec, tokenizer, model = load_checkpoint_policy(ckpt)
     saved = torch.load(ckpt, weights_only=True)["state_dict"]
@@ -198,7 +201,7 @@ def test_an_unknown_benchmark_lists_the_known_ones(tmp_path):
 
 
 def test_validation_logs_each_signal_without_changing_training_and_the_report_draws_it(tmp_path):
-    common = ["gpu=cpu", "mode=quick", "steps=3", "seed=1"]
+    common = [*TINY, "mode=quick", "steps=3", "seed=1"]
     train(compose_config("config", *common, f"output_dir={tmp_path / 'plain'}"))
     train(compose_config("config", *common, f"output_dir={tmp_path / 'val'}", "validation.benchmarks=[gsm8k,math500]",
                          "validation.every=2", "validation.limit=3", "validation.max_new_tokens=16"))

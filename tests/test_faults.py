@@ -17,10 +17,11 @@ from rlvr import checkpoints, grpo
 from rlvr.checkpoints import CheckpointError
 from rlvr.data import DataError
 from rlvr.train import CONF_DIR, train
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
-COMMON = ["gpu=cpu", "mode=quick", f"steps={STEPS}", "save_every=1", "seed=2"]
+COMMON = [*TINY, "mode=quick", f"steps={STEPS}", "save_every=1", "seed=2"]
 COMPARED = ["reward/total", "reward/verify", "train/loss", "train/grad_norm", "train/kl", "response_length/mean"]
 
 
@@ -157,7 +158,7 @@ def test_a_bad_data_row_stops_the_run_before_training(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?", "answer": ""}\n')
     with pytest.raises(DataError, match=f"{data} row 2: missing or empty field 'answer'"):
-        train(config("gpu=cpu", "data=gsm8k", f"data.source={data}", f"output_dir={tmp_path / 'run'}"))
+        train(config(*TINY, "data=gsm8k", f"data.source={data}", f"output_dir={tmp_path / 'run'}"))
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.csv").exists()
 
 
@@ -170,7 +171,7 @@ def test_a_bad_data_row_stops_the_run_before_training(tmp_path):
 ])
 def test_settings_that_cannot_work_are_rejected_at_start(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        train(config("gpu=cpu", *overrides, f"output_dir={tmp_path}"))
+        train(config(*TINY, *overrides, f"output_dir={tmp_path}"))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -189,6 +190,6 @@ def test_an_unknown_profile_lists_the_choices():
 def test_remote_code_is_off_unless_asked_and_checkpoints_load_weights_only(tmp_path):
     for name in ("tiny", "qwen2.5-0.5b", "qwen2.5-math-1.5b"):
         assert config(f"model={name}").model.trust_remote_code is False
-    train(config("gpu=cpu", "mode=ultra-quick", f"output_dir={tmp_path}"))
+    train(config(*TINY, "mode=ultra-quick", f"output_dir={tmp_path}"))
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # plain containers and tensors only
     assert isinstance(state["hyper_parameters"]["model"], dict) and "rng" in state["rlvr"]

@@ -11,10 +11,11 @@ from hydra import compose, initialize_config_dir
 
 from rlvr import checkpoints
 from rlvr.train import CONF_DIR, train
+from tiny import TINY
 
 pytest.importorskip("torchao", reason='the lean optimizers need torchao: pip install -e ".[lean]"')
 
-COMMON = ["gpu=cpu", "mode=quick", "seed=1", "save_every=1", "samples.every=null", "optim.lr=1e-3"]
+COMMON = [*TINY, "mode=quick", "seed=1", "save_every=1", "samples.every=null", "optim.lr=1e-3"]
 COMPARED = ["reward/total", "train/loss", "train/grad_norm", "train/kl", "response_length/mean"]
 OPTIONS = {
     "adamw8bit": ["optim.name=adamw8bit"],

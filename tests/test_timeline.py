@@ -15,9 +15,10 @@ from hydra import compose, initialize_config_dir
 
 from rlvr import checkpoints
 from rlvr.train import CONF_DIR, train
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["gpu=cpu", "mode=quick", "seed=4", "samples.every=null"]
+COMMON = [*TINY, "mode=quick", "seed=4", "samples.every=null"]
 COMPARED = ["reward/total", "train/loss", "train/grad_norm", "train/kl", "train/entropy", "response_length/mean"]
 
 

@@ -17,6 +17,7 @@ from rlvr import report
 from rlvr.loggers import REDACTED, has_wandb_credentials, previous_wandb_run, redact
 from rlvr.rewards import score
 from rlvr.train import CONF_DIR, optimized_metric, reward_scorer
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-rlvr-test-secret-0123456789"
@@ -25,7 +26,7 @@ SECRET = "sk-rlvr-test-secret-0123456789"
 def train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     flags = [o for o in overrides if o.startswith("-")]  # Hydra's own flags (-m) come before the overrides
     overrides = tuple(o for o in overrides if not o.startswith("-"))
-    done = subprocess.run([sys.executable, "-m", "rlvr.train", *flags, "gpu=cpu", "mode=ultra-quick",
+    done = subprocess.run([sys.executable, "-m", "rlvr.train", *flags, *TINY, "mode=ultra-quick",
                            "reward.workers=0", *overrides],  # scoring in process: the pool is tested elsewhere
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -11,7 +11,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 
+from rlvr.cli import UserError
 from rlvr.train import CONF_DIR, train
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARD_COLUMNS = ["reward/verify", "reward/format", "reward/reflect", "reward/total"]
@@ -36,7 +38,7 @@ def test_every_mode_and_profile_composes(mode, gpu):
 
 
 def test_profiles_pick_their_model_and_the_command_line_wins():
-    assert config("gpu=cpu").model.name == "tiny" and config("gpu=cpu").data.kind == "arithmetic"
+    assert config("gpu=cpu").model.name == "pkg:rlvr/assets/tiny-arith" and config("gpu=cpu").data.kind == "arithmetic"
     assert config("gpu=l4").model.name == "Qwen/Qwen2.5-Math-1.5B" and config("gpu=l4").data.kind == "gsm8k"
     assert config("gpu=l4", "model=qwen2.5-0.5b").model.name == "Qwen/Qwen2.5-0.5B"
     assert config("gpu=h100").model.name == "Qwen/Qwen2.5-Math-1.5B"
@@ -62,9 +64,9 @@ def test_multi_gpu_profiles_set_lightnings_strategy_devices_and_nodes():
 
 def test_a_batch_that_cannot_be_split_over_the_processes_is_rejected_at_start(tmp_path):
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 processes"):
-        train(config("gpu=cpu", "devices=4", "batch_size=6", f"output_dir={tmp_path}"))
+        train(config(*TINY, "devices=4", "batch_size=6", f"output_dir={tmp_path}"))
     with pytest.raises(ValueError, match="devices='auto' must be a positive integer"):
-        train(config("gpu=cpu", "devices=auto", f"output_dir={tmp_path}"))
+        train(config(*TINY, "devices=auto", f"output_dir={tmp_path}"))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -84,7 +86,7 @@ def test_unknown_mode_lists_the_choices():
 
 
 def test_ultra_quick_then_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
-    common = ["mode=ultra-quick", "gpu=cpu", "seed=3"]
+    common = ["mode=ultra-quick", *TINY, "seed=3"]
     resumed_dir, straight_dir = tmp_path / "resumed", tmp_path / "straight"
 
     train(config(*common, f"output_dir={resumed_dir}"))
@@ -108,16 +110,17 @@ def test_ultra_quick_then_resume_continues_and_matches_an_uninterrupted_run(tmp_
 
 
 def test_resume_without_a_checkpoint_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "checkpoints" / "last.ckpt")):
-        train(config("gpu=cpu", f"output_dir={tmp_path}", "ckpt_path=last"))
+    with pytest.raises(UserError, match=str(tmp_path / "checkpoints" / "last.ckpt")):
+        train(config(*TINY, f"output_dir={tmp_path}", "ckpt_path=last"))
 
 
 def test_the_command_line_entry_point(tmp_path):
-    run = [sys.executable, "-m", "rlvr.train", "mode=ultra-quick", "gpu=cpu", f"output_dir={tmp_path}"]
+    run = [sys.executable, "-m", "rlvr.train", "mode=ultra-quick", *TINY, f"output_dir={tmp_path}"]
     first = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     second = subprocess.run(run + ["ckpt_path=last", "steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Restored all states" in second.stdout + second.stderr
+    assert "GRPO step" in second.stdout + second.stderr and "continue  python -m rlvr.train" in second.stderr
     assert [r["step"] for r in metrics(tmp_path)] == ["0", "1"]
     assert (tmp_path / ".hydra" / "config.yaml").is_file()

@@ -14,6 +14,7 @@ import torch
 from rlvr import vllm_engine
 from rlvr.engine import EngineOptions, SamplingParams, make_engine
 from rlvr.models import ModelSpec, tiny_model, tiny_tokenizer
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 if not vllm_engine.available() and not os.environ.get("RLVR_REQUIRE_VLLM"):
@@ -133,7 +134,7 @@ def test_cpu_attention_needs_head_dim_32(tokenizer):
 
 # -- training through the real entry point ---------------------------------------------------------
 
-RUN = ["gpu=cpu", "rollout.engine=vllm", "mode=quick", "steps=3", "save_every=1", "seed=5", "samples.every=null"]
+RUN = [*TINY, "rollout.engine=vllm", "mode=quick", "steps=3", "save_every=1", "seed=5", "samples.every=null"]
 COMPARED = ["reward/total", "train/loss", "train/grad_norm", "train/entropy", "response_length/mean"]
 
 
@@ -171,7 +172,7 @@ def test_training_on_vllm_killed_and_resumed_matches_an_uninterrupted_run(tmp_pa
 def test_under_ddp_each_rank_has_its_own_engine_and_two_ranks_train_as_one(tmp_path):
     """Two gloo processes, one vLLM engine each, joined to the trainer's process group: every prompt
     samples from its own seed, so the two ranks together draw what one process draws."""
-    common = ["gpu=cpu", "rollout.engine=vllm", "batch_size=4", "rollout.n=4", "seed=3", "steps=2", "save_every=1",
+    common = [*TINY, "rollout.engine=vllm", "batch_size=4", "rollout.n=4", "seed=3", "steps=2", "save_every=1",
               "samples.every=null", "optim.lr=1e-3", "grpo.micro_batch_size=4"]
     for devices in (1, 2):
         folder = tmp_path / f"devices-{devices}"

@@ -1,0 +1,31 @@
+"""The embedded default learns, as a new user runs it: `python -m rlvr.train mode=quick gpu=cpu`
+(tiny-arith, shipped in the package; no GPU, no download). GRPO has to raise the real reward."""
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_mode_quick_on_cpu_raises_the_reward(tmp_path):
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "rlvr.train", "mode=quick", "gpu=cpu", "seed=0", f"output_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - began
+    assert done.returncode == 0, done.stderr[-3000:]
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("reward/total")]
+    assert len(rows) == 15
+    third = len(rows) // 3
+    mean = lambda key, part: sum(float(r[key]) for r in part) / len(part)  # noqa: E731
+    first, last = rows[:third], rows[-third:]
+    assert mean("reward/total", last) >= mean("reward/total", first) + 0.05, \
+        [round(float(r["reward/total"]), 3) for r in rows]
+    assert mean("reward/reflect", last) > mean("reward/reflect", first)  # its verdicts come to agree with verify
+    assert seconds < 600
