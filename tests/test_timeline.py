@@ -95,7 +95,7 @@ def test_a_resume_keeps_the_first_runs_config_and_writes_its_own_beside_it(tmp_p
 @pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_it_and_the_resume_goes_on_from_there(tmp_path, uninterrupted):
     """SIGINT to the whole process group (as a terminal sends it) during step 2's rollout."""
-    run = [*COMMON, "steps=6", "save_every=10", f"output_dir={tmp_path}"]
+    run = [*COMMON, "steps=6", "save_every=10", "reward.workers=2", f"output_dir={tmp_path}"]  # workers get SIGINT too
     stopped = subprocess.run([sys.executable, "tests/kill_at.py", "interrupt", "2", *run], cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
                              start_new_session=True)

@@ -134,7 +134,8 @@ def test_cpu_attention_needs_head_dim_32(tokenizer):
 
 # -- training through the real entry point ---------------------------------------------------------
 
-RUN = [*TINY, "rollout.engine=vllm", "mode=quick", "steps=3", "save_every=1", "seed=5", "samples.every=null"]
+RUN = [*TINY, "rollout.engine=vllm", "mode=quick", "steps=3", "save_every=1", "seed=5", "samples.every=null",
+       "optim.lr=1e-3"]  # a large step, so that updates move the log-probs the engine must follow
 COMPARED = ["reward/total", "train/loss", "train/grad_norm", "train/entropy", "response_length/mean"]
 
 
@@ -145,42 +146,42 @@ def metrics(folder: Path) -> list[dict[str, str]]:
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
+
+
+def assert_same_steps(rows, reference, keys=COMPARED, rel=1e-5):
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for a, b in zip(rows, reference, strict=True):
+        for key in keys:
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=rel, abs=1e-7), (a["step"], key)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> list[dict[str, str]]:
+    """Three steps on vLLM in one process, uninterrupted: what the tests below must reproduce."""
+    folder = tmp_path_factory.mktemp("vllm-one")
+    done = run("tests/ddp_run.py", str(folder), *RUN, "devices=1", f"output_dir={folder}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return metrics(folder)
 
 
 @pytest.mark.slow
-def test_training_on_vllm_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    done = run("-m", "rlvr.train", *RUN, f"output_dir={straight}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    killed = run("tests/kill_at.py", "update", "1", *RUN, f"output_dir={resumed}")
+def test_training_on_vllm_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, one_process):
+    killed = run("tests/kill_at.py", "update", "1", "--digits-reward", *RUN, f"output_dir={tmp_path}")  # in step 1's update
     assert killed.returncode == -9, killed.stderr[-3000:]
-    done = run("-m", "rlvr.train", *RUN, f"output_dir={resumed}", "ckpt_path=last")
+    done = run("tests/ddp_run.py", str(tmp_path), *RUN, f"output_dir={tmp_path}", "ckpt_path=last")
     assert done.returncode == 0, done.stderr[-3000:]
-
-    reference, rows = metrics(straight), metrics(resumed)
-    assert [r["step"] for r in rows] == ["0", "1", "2"]
-    for a, b in zip(rows, reference, strict=True):
-        for key in COMPARED:
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), (a["step"], key)
-    for row in reference:  # the engine samples with the trainer's weights, to fp32 rounding
+    assert_same_steps(metrics(tmp_path), one_process)  # the resumed engine got the checkpoint's weights
+    for row in one_process:  # the engine samples with the trainer's weights, to fp32 rounding
         assert float(row["rollout/logprob_gap_max"]) < 1e-3
         assert float(row["rollout/tokens_per_s"]) > 0
+    assert float(one_process[-1]["train/entropy"]) != pytest.approx(float(one_process[0]["train/entropy"]))
 
 
 @pytest.mark.slow
-def test_under_ddp_each_rank_has_its_own_engine_and_two_ranks_train_as_one(tmp_path):
+def test_under_ddp_each_rank_has_its_own_engine_and_two_ranks_train_as_one(tmp_path, one_process):
     """Two gloo processes, one vLLM engine each, joined to the trainer's process group: every prompt
     samples from its own seed, so the two ranks together draw what one process draws."""
-    common = [*TINY, "rollout.engine=vllm", "batch_size=4", "rollout.n=4", "seed=3", "steps=2", "save_every=1",
-              "samples.every=null", "optim.lr=1e-3", "grpo.micro_batch_size=4"]
-    for devices in (1, 2):
-        folder = tmp_path / f"devices-{devices}"
-        folder.mkdir()
-        done = run("tests/ddp_run.py", str(folder), *common, f"devices={devices}", f"output_dir={folder}")
-        assert done.returncode == 0, done.stderr[-3000:]
-    one, two = metrics(tmp_path / "devices-1"), metrics(tmp_path / "devices-2")
-    assert [r["step"] for r in two] == ["0", "1"]
-    for a, b in zip(two, one, strict=True):
-        for key in ("reward/total", "train/loss", "train/grad_norm", "response_length/mean"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), (a["step"], key)
+    done = run("tests/ddp_run.py", str(tmp_path), *RUN, "devices=2", f"output_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_steps(metrics(tmp_path), one_process, ["reward/total", "train/loss", "train/grad_norm"], rel=1e-4)
