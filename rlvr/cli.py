@@ -174,6 +174,9 @@ def check_config(cfg: DictConfig, profile: str | None = None) -> None:
     for key in ("devices", "num_nodes"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise UserError(f"{key}={cfg[key]!r} must be a positive integer")
+    if str(cfg.trainer.strategy).startswith("fsdp") and cfg.trainer.strategy != "fsdp2":
+        raise UserError(f"trainer.strategy={cfg.trainer.strategy}: FSDP1 cannot run rlvr's step (see rlvr/distributed.py); "
+                        "use trainer.strategy=fsdp2")
     _check_training_values(cfg)
     if cfg.rollout.engine == "vllm":
         from rlvr import vllm_engine

@@ -1,9 +1,17 @@
-"""What changes when training runs on several processes (Lightning's DDP or FSDP strategies).
+"""What changes when training runs on several processes: Lightning's DDP, or FSDP2 (`fully_shard`)
+through Lightning's ModelParallelStrategy (`trainer.strategy=fsdp2`).
 
 DDP keeps a whole replica of the policy on every rank, so a rollout engine that shares the policy's
-tensors (the Hugging Face engine) has nothing to sync. FSDP shards the policy: an engine then holds
-its own full copy, and after each update it receives the full weights gathered one FSDP unit (a
-decoder layer, say) at a time, so at most one unit's gathered weights exist beside the shards.
+tensors (the Hugging Face engine) has nothing to sync. FSDP2 shards the policy (one unit per decoder
+layer, plus the rest: embeddings, final norm, LM head): an engine then holds its own full copy, and
+after each update it receives the full weights gathered one parameter at a time
+(`DTensor.full_tensor()`), so at most one parameter's full copy exists beside the shards.
+
+Why not FSDP1 (`FSDPStrategy`): Lightning runs a step inside the root FSDP module's forward, and
+with manual optimization the backward passes happen inside that forward, so FSDP1's state machine
+is left in FORWARD_BACKWARD waiting for a backward that already ran; gathering the weights for the
+engine afterwards (`summon_full_params`) then fails its IDLE assertion. ModelParallelStrategy calls
+the step directly and FSDP2 keeps no such state: a gather is a plain collective between steps.
 """
 
 from __future__ import annotations
@@ -13,44 +21,58 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+SHARDED = "fsdp2"
+
+
+def make_strategy(strategy: Any, world: int) -> Any:
+    """`fsdp2` -> Lightning's ModelParallelStrategy with every process in one FSDP2 group and full
+    (consolidated) checkpoints, which resume on any number of processes; anything else is passed on."""
+    if strategy != SHARDED:
+        return strategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False)
 
 
 def shards_weights(strategy: Any) -> bool:
     """Whether `trainer.strategy` (an object, or its name in the config) shards the policy."""
-    return isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp"))
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return strategy == SHARDED or isinstance(strategy, ModelParallelStrategy)
 
 
-def clean_name(name: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM (Qwen2, Llama, ...)."""
+    return list(model.get_decoder().layers)
+
+
+def shard(root: nn.Module, model: nn.Module, mesh: Any) -> None:
+    """FSDP2: one unit per decoder layer of `model`, then `root` (which holds `model`) for the rest.
+    `root`'s forward must do all the computation that needs the rest (embeddings, LM head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered (a collective: every rank must call it in the same order), or the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def policy_weights(pl_module: L.LightningModule) -> Iterator[tuple[str, torch.Tensor]]:
-    """The policy's full weights by their Hugging Face names, for a rollout engine.
-
-    Without FSDP these are the parameters themselves. With FSDP every rank must iterate to the end,
-    in step with the others, since gathering a unit is a collective.
-    """
-    root = pl_module.trainer.strategy.model
-    units = [m for m in root.modules() if isinstance(m, FSDP)] if root is not None else []
-    if not units:
-        yield from pl_module.policy.named_parameters()
-        return
-    prefix = "policy."
-    paths = {m: clean_name(name) for name, m in root.named_modules()}
-    for unit in units:
-        nested = [name for name, m in unit.named_modules() if m is not unit and isinstance(m, FSDP)]
-        unit_prefix = paths[unit] + "." if paths[unit] else ""
-        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-            for name, param in unit.named_parameters():
-                if any(name.startswith(n + ".") for n in nested):
-                    continue  # another unit's: gathered in its own turn
-                full = clean_name(unit_prefix + name)
-                if full.startswith(prefix):
-                    yield full[len(prefix):], param.detach()
+    """The policy's full weights by their Hugging Face names, for a rollout engine: the parameters
+    themselves, or under FSDP2 each one gathered in turn (every rank iterates to the end)."""
+    for name, param in pl_module.policy.named_parameters():
+        yield name, full(param.detach())

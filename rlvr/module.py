@@ -33,7 +33,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from rlvr import grpo
+from rlvr import distributed, grpo
 from rlvr.grpo import GRPOConfig  # noqa: F401  (the step's settings live with the math: cheap to import and check)
 from rlvr.optim import make_optimizer
 from rlvr.rewards import pearson
@@ -46,11 +46,33 @@ def reference_copy(policy: nn.Module, dtype: str | None) -> nn.Module:
     return reference if dtype is None else reference.to(getattr(torch, dtype))
 
 
+class TokenLogprobs(nn.Module):
+    """A causal LM's log-probs (and entropies) of given tokens, as one forward.
+
+    One forward, so that under FSDP2 the root unit (embeddings, final norm, LM head) is gathered for
+    the whole computation: the decoder body runs to hidden states, and the LM head runs over them in
+    checkpointed chunks (rlvr.grpo), never the full-vocabulary logits.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, responses: int,
+                temperature: float, chunk_tokens: int, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        body, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions,
+                      use_cache=False).last_hidden_state[:, -(responses + 1) : -1]  # (b, r, H): each predicts the next
+        return grpo.token_logprobs_and_entropy(hidden, head.weight, ids[:, -responses:], temperature, head.bias,
+                                               chunk_tokens=chunk_tokens, with_entropy=entropy)
+
+
 class _Frozen:
     """Holds a model outside the module tree: not optimized, not checkpointed, moved by hand."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval().requires_grad_(False)
+        self.logprobs = TokenLogprobs(self.model)
 
 
 REWARD_KEYS = ("verify", "format", "reflect", "total", "accuracy")
@@ -65,6 +87,7 @@ class GRPOModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
+        object.__setattr__(self, "_policy_logprobs", TokenLogprobs(policy))  # outside the tree: keys stay policy.*
         self.config = config
         self.batch_size = batch_size
         self.updates_per_step = config.updates_per_step(batch_size, world)
@@ -84,15 +107,24 @@ class GRPOModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: min(1.0, (update + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_fit_start(self) -> None:
+    def configure_model(self) -> None:
+        """Under FSDP2 (Lightning's ModelParallelStrategy sets a device mesh), shard the policy and
+        the reference, one unit per decoder layer; otherwise nothing."""
+        if self.device_mesh is None or distributed.is_sharded(self._policy_logprobs):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        distributed.shard(self._policy_logprobs, self.policy, mesh)
         if self._reference is not None:
+            distributed.shard(self._reference.logprobs, self._reference.model, mesh)
+
+    def on_fit_start(self) -> None:
+        if self._reference is not None and not distributed.is_sharded(self._reference.logprobs):
             self._reference.model.to(self.device)
 
     # -- log-probs -----------------------------------------------------------------------------
 
-    def _logprobs(self, model: nn.Module, rollout: Rollout, rows: torch.Tensor, entropy: bool):
-        """Response-token log-probs (b, r) and entropies for the given rows, padding trimmed. The
-        decoder gives hidden states; the LM head runs over them in chunks (rlvr.grpo)."""
+    def _logprobs(self, model: TokenLogprobs, rollout: Rollout, rows: torch.Tensor, entropy: bool):
+        """Response-token log-probs (b, r) and entropies for the given rows, padding trimmed."""
         mask = rollout.response_mask[rows]  # (b, R)
         r = int(mask.sum(dim=1).max().item())  # longest response in this micro-batch
         p = rollout.prompt_width
@@ -101,12 +133,7 @@ class GRPOModule(L.LightningModule):
         ids = rollout.input_ids[rows, first : p + r]  # (b, W)
         attention = attention[:, first:]
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (b, W)
-        body, head = model.get_decoder(), model.get_output_embeddings()
-        hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions,
-                      use_cache=False).last_hidden_state[:, -(r + 1) : -1]  # (b, r, H): each predicts the next token
-        logp, ent = grpo.token_logprobs_and_entropy(
-            hidden, head.weight, ids[:, -r:], self.config.temperature, head.bias,
-            chunk_tokens=self.config.logprob_chunk_tokens, with_entropy=entropy)
+        logp, ent = model(ids, attention, positions, r, self.config.temperature, self.config.logprob_chunk_tokens, entropy)
         return logp, ent, mask[:, :r]
 
     # -- the step ------------------------------------------------------------------------------
@@ -132,9 +159,9 @@ class GRPOModule(L.LightningModule):
         with torch.no_grad():
             for rows in (rows for mini in minis for rows in mini):
                 if self.updates_per_step > 1:  # else the sampling policy is the current one: ratio 1
-                    old_logp[int(rows[0])] = self._logprobs(self.policy, rollout, rows, entropy=False)[0]
+                    old_logp[int(rows[0])] = self._logprobs(self._policy_logprobs, rollout, rows, entropy=False)[0]
                 if self._reference is not None:
-                    ref_logp[int(rows[0])] = self._logprobs(self._reference.model, rollout, rows, entropy=False)[0]
+                    ref_logp[int(rows[0])] = self._logprobs(self._reference.logprobs, rollout, rows, entropy=False)[0]
 
         logprobs_done = time.perf_counter()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
@@ -157,7 +184,7 @@ class GRPOModule(L.LightningModule):
                     gap_max = max(gap_max, stats.pop("logprob_gap_max"))
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + value / self.updates_per_step
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
+                grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm))
                 sums["grad_norm"] += float(grad_norm) / self.updates_per_step
                 finite = math.isfinite(float(grad_norm)) and math.isfinite(update_loss)
                 if self.trainer.strategy.reduce_boolean_decision(not finite, all=False):  # all ranks skip together
@@ -173,7 +200,11 @@ class GRPOModule(L.LightningModule):
         self._log_step(sums, rollout, rewards)
 
     def _gradient_sync(self, last: bool):
-        """All-reduce gradients only on an update's last micro-batch (DDP); a no-op on one device."""
+        """Reduce gradients only on an update's last micro-batch (DDP: all-reduce, FSDP2:
+        reduce-scatter); a no-op on one device."""
+        if distributed.is_sharded(self._policy_logprobs):
+            self._policy_logprobs.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         strategy = self.trainer.strategy
         if last or not hasattr(strategy, "block_backward_sync"):
             return contextlib.nullcontext()
@@ -226,7 +257,7 @@ class GRPOModule(L.LightningModule):
                     num_tokens: float, num_seqs: float) -> dict[str, float]:
         """Backward of this micro-batch's share of the mini-batch loss; returns its share of the stats."""
         c = self.config
-        logp, entropy, mask = self._logprobs(self.policy, rollout, rows, entropy=True)
+        logp, entropy, mask = self._logprobs(self._policy_logprobs, rollout, rows, entropy=True)
         old = logp.detach() if old_logp is None else old_logp
         engine_logp = rollout.engine_logprobs[rows, : mask.shape[1]]  # (b, r)
         tis = grpo.tis_weights(old, engine_logp, c.tis_cap)

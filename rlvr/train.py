@@ -84,7 +84,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
     from callbacks.samples import SamplesCallback
     from rlvr.checkpoints import AtomicCheckpointIO, RunCheckpoint, make_present, resolve_ckpt_path
     from rlvr.data import PromptDataModule, load_examples
-    from rlvr.distributed import shards_weights
+    from rlvr.distributed import make_strategy, shards_weights
     from rlvr.engine import EngineOptions, SamplingParams, make_engine
     from rlvr.loggers import close_loggers, make_loggers, save_run_config
     from rlvr.models import ModelSpec, check_context, load_model, load_tokenizer
@@ -115,7 +115,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
     sampling = SamplingParams(cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
     module = GRPOModule(policy, grpo_config(cfg), batch_size=cfg.batch_size, model_spec=asdict(spec), world=world)
 
-    trainer_options = instantiate(cfg.trainer, _convert_="all")  # a strategy may be a _target_ object (FSDP)
+    trainer_options = instantiate(cfg.trainer, _convert_="all")  # a strategy may be a _target_ object
+    trainer_options["strategy"] = make_strategy(trainer_options["strategy"], world)  # fsdp2: rlvr.distributed
     # The engine generates with the policy itself, unless the strategy shards it: then with a full copy
     # that receives the gathered weights after every update (rlvr.distributed).
     engine_options = EngineOptions.from_config(OmegaConf.to_container(cfg.rollout, resolve=True),

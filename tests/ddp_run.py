@@ -1,12 +1,12 @@
 """Train through `rlvr.train.train` with a reward the tiny model earns unevenly (the share of digits in
 a response), recording what each rank saw (tests/test_distributed.py drives this).
 
-    python tests/ddp_run.py RECORD_DIR [--fsdp] key=value ...
+    python tests/ddp_run.py RECORD_DIR key=value ...
 
 Each rank appends its rollouts' rewards and prompts per step to RECORD_DIR/rank-R.jsonl and, at the
-end, digests of its policy's and its engine's weights. Lightning's launcher starts the other ranks
-with this same command. --fsdp trains with the FSDP strategy of the h100x8 profile (one unit per
-decoder layer: the tiny model is a Qwen2 too); torch's FSDP runs on GPUs only.
+end, digests of its policy's full weights (gathered under FSDP2) and of its engine's weights.
+Lightning's launcher starts the other ranks with this same command; `trainer.strategy=fsdp2` shards
+the tiny model (a Qwen2 too) as the h100x8 profile does.
 """
 
 import hashlib
@@ -61,10 +61,8 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
 
 
 if __name__ == "__main__":
-    folder, fsdp = Path(sys.argv[1]), "--fsdp" in sys.argv
+    folder = Path(sys.argv[1])
     with initialize_config_dir(config_dir=train_module.CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[a for a in sys.argv[2:] if a != "--fsdp"])
-        if fsdp:  # torch's FSDP needs an accelerator: this runs on GPUs only
-            cfg.trainer.strategy = compose(config_name="config", overrides=["gpu=h100x8"]).trainer.strategy
+        cfg = compose(config_name="config", overrides=sys.argv[2:])
     train_module.reward_scorer = lambda cfg: DigitsReward()
     train_module.train(cfg, extra_callbacks=[Recorder(folder)])

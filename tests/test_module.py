@@ -57,7 +57,7 @@ def test_logprobs_of_padded_rows_match_an_unpadded_forward(tokenizer):
     rollout = pack_rollout(prompts, generated(completions), 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
                            rewards_for([0, 0]))
     with torch.no_grad():
-        logp, entropy, mask = module._logprobs(policy, rollout, torch.tensor([0, 1]), entropy=True)
+        logp, entropy, mask = module._logprobs(module._policy_logprobs, rollout, torch.tensor([0, 1]), entropy=True)
         for row, completion in enumerate(completions):
             ids = torch.tensor([prompts[0] + completion])
             full = policy(input_ids=ids).logits[0, 3:-1].log_softmax(-1)  # predicts the completion

@@ -48,17 +48,16 @@ def test_profiles_pick_their_model_and_the_command_line_wins():
 
 
 def test_multi_gpu_profiles_set_lightnings_strategy_devices_and_nodes():
-    from hydra.utils import instantiate
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from rlvr.distributed import shards_weights
+    from rlvr.distributed import make_strategy, shards_weights
 
     ddp = config("gpu=a100x8")
     assert (ddp.devices, ddp.num_nodes, ddp.trainer.strategy, ddp.model.name) == (8, 1, "ddp", "Qwen/Qwen2.5-Math-1.5B")
     fsdp = config("gpu=h100x8", "num_nodes=2")
     assert (fsdp.devices, fsdp.num_nodes, fsdp.model.name) == (8, 2, "Qwen/Qwen2.5-Math-7B")
-    strategy = instantiate(fsdp.trainer, _convert_="all")["strategy"]
-    assert isinstance(strategy, FSDPStrategy) and shards_weights(strategy) and not shards_weights("ddp")
+    strategy = make_strategy(fsdp.trainer.strategy, world=16)
+    assert isinstance(strategy, ModelParallelStrategy) and shards_weights(strategy) and not shards_weights("ddp")
     assert fsdp.model.gradient_checkpointing and fsdp.batch_size % (fsdp.devices * fsdp.num_nodes) == 0
 
 
