@@ -5,21 +5,21 @@
 #   GPU_CHECK_ON_CPU=1 bash benchmarks/gpu_check.sh   # the same plumbing on CPU with the tiny model (a dry run)
 #
 # It needs rlvr's dependencies importable (on the offline GPU machine: the wheels in .whl/, see
-# ../shared/gpu/README.md) and a copy of ../shared's Qwen2.5 tokenizer and GSM8K train split (SHARED,
-# default ../shared). It builds random-init Qwen2.5-0.5B and Qwen2.5-Math-1.5B from their real configs
+# ../shared/gpu/README.md, plus torchao==0.18.0 for gpu=l4's AdamW8bit: add it to the pip download
+# line) and a copy of ../shared's Qwen2.5 tokenizer and GSM8K train split (SHARED, default ../shared). It builds random-init Qwen2.5-0.5B and Qwen2.5-Math-1.5B from their real configs
 # (nothing downloads), then runs and prints, with logs under $OUT (default /tmp/gpu_check):
 #   1. the memory benchmark on CUDA (benchmarks/memory.py --cuda): the training side's measured peak
 #      for gpu=l4 with Qwen2.5-Math-1.5B at 1,024 new tokens, and the first H200 run's configuration;
 #   2. the step breakdown for gpu=l4 (Qwen2.5-Math-1.5B, 1,024 new tokens) under a 24 GiB cap
 #      (torch.cuda.set_per_process_memory_fraction), and for gpu=h100 (16 prompts x 8 x 256 tokens,
 #      the configuration measured at 202 tokens/s before), both with the HF engine (vLLM is not there);
-#   3. the GPU-marked tests;
+#   3. the GPU-marked tests (tests/test_gpu.py: device-side sampling, gpu=h100 trains and resumes);
 # and one table at the end. Record the table in benchmarks/RESULTS.md with the GPU's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 SHARED=${SHARED:-../shared}
-mkdir -p "$OUT"
+mkdir -p "$OUT"; : > "$OUT/summary.txt"
 export TOKENIZERS_PARALLELISM=false PYTHONPATH="${PYTHONPATH:-}:$PWD"
 began=$(date +%s)
 
@@ -53,7 +53,7 @@ step memory_l4 python benchmarks/memory.py "${MEM_ARGS[@]}" --only gpu=l4,model=
 step memory_baseline python benchmarks/memory.py "${MEM_ARGS[@]}" --baseline
 step breakdown_l4 python benchmarks/step_breakdown.py --engines hf --no-raw "${CAP[@]}" "${L4_SIZE[@]}" "${L4[@]}"
 step breakdown_h100 python benchmarks/step_breakdown.py --engines hf --no-raw "${H100_SIZE[@]}" "${H100[@]}"
-step gpu_tests python -m pytest "${GPU_TESTS[@]}" tests/
+step gpu_tests python -m pytest "${GPU_TESTS[@]}" -rs tests/test_gpu.py
 
 echo
 echo "GPU check: $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)")'), $(( $(date +%s) - began )) s"

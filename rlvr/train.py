@@ -78,6 +78,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
     from hydra.utils import instantiate
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+    quiet()  # again: importing Lightning gives it its own console handler, which would print every line twice
+
     from callbacks.interrupt import StopOnInterrupt
     from callbacks.progress import StepProgressBar
     from callbacks.rollout import RolloutCallback

@@ -1,6 +1,7 @@
 """Through the real config and entry point: compose, train on the tiny CPU profile, resume."""
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,7 @@ def test_the_command_line_entry_point(tmp_path):
     assert "GRPO step" in second.stdout + second.stderr and "continue  python -m rlvr.train" in second.stderr
     assert [r["step"] for r in metrics(tmp_path)] == ["0", "1"]
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    log_lines = [re.sub(r"^(INFO|WARNING): ", "", line) for line in first.stderr.splitlines()
+                 if "GRPO step" not in line and line.strip()]
+    assert "Seed set to" in first.stderr and len(log_lines) == len(set(log_lines)), "a log line printed twice"
+    assert "Seed set to" in (tmp_path / "train.log").read_text()  # and the run's log file has it
