@@ -199,13 +199,16 @@ def build_module(cfg: DictConfig, model: str, device: str, fake: contextlib.Abst
                    **grpo, **{k: v for k, v in optim.items() if k in fields})
     import rlvr.module
 
-    # rlvr.module.reference_copy, with the fake-safe cast
-    reference_copy, rlvr.module.reference_copy = rlvr.module.reference_copy, lambda policy, dtype: cast(
-        copy.deepcopy(policy), getattr(torch, dtype) if dtype else next(policy.parameters()).dtype)
+    # rlvr.module.reference_copy, with the fake-safe cast (older code copied the reference as it was)
+    reference_copy = getattr(rlvr.module, "reference_copy", None)
+    if reference_copy is not None:
+        rlvr.module.reference_copy = lambda policy, dtype: cast(
+            copy.deepcopy(policy), getattr(torch, dtype) if dtype else next(policy.parameters()).dtype)
     try:
         module = GRPOModule(policy, c, batch_size=prompts)  # the prompts of the simulated rollout: one update
     finally:
-        rlvr.module.reference_copy = reference_copy
+        if reference_copy is not None:
+            rlvr.module.reference_copy = reference_copy
     if str(cfg.trainer.precision) == "bf16-true":
         cast(module.policy, torch.bfloat16)  # what Lightning's bf16-true plugin does to the LightningModule
     optimizers = module.configure_optimizers()
@@ -306,7 +309,7 @@ def main() -> None:
     if args.baseline:
         runs = [("h100", "qwen2.5-math-1.5b", 256)]
         extra += ["batch_size=16", "rollout.n=8", "grpo.micro_batch_size=16", "model.gradient_checkpointing=false",
-                  "grpo.reference_dtype=null"]
+                  "++grpo.reference_dtype=null"]  # ++: also on code without that key
 
     where = torch.cuda.get_device_name() if args.cuda else "computed on CPU with fake tensors"
     print(f"training-side peak of one GRPO update, GiB ({where}); vLLM awake = gpu_memory_utilization x card")

@@ -12,7 +12,8 @@ engine and starts the reward pool): generate, reward, old/reference log-probs, u
 whole step, generated tokens per second of generation, and peak memory (CUDA: allocated; CPU: the
 process's peak resident set, reset before each run). Then raw vLLM (`vllm.LLM` loading the same
 weights from disk, no trainer around it) generates the same prompts with the same sampling
-parameters and seeds, and the last line is `rollout/raw-vLLM throughput ratio: X.XX`.
+parameters and seeds, its prefix cache reset before each step as an RL loop must after a weight
+update, and the last line is `rollout/raw-vLLM throughput ratio: X.XX`.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def raw_vllm(cfg: DictConfig, steps: list, folder: Path) -> float:
 
     spec = ModelSpec.from_config(cfg.model)
     tokenizer = load_tokenizer(spec)
-    load_model(spec, tokenizer).save_pretrained(folder)  # the run's initial weights, as files vLLM reads
+    model = load_model(spec, tokenizer)
+    model.config.__dict__.pop("quantization_config", None)  # a GGUF source: the weights are plain floats now
+    model.save_pretrained(folder)  # the run's initial weights, as files vLLM reads
     tokenizer.save_pretrained(folder)
     r = cfg.rollout
     kwargs = dict(model=str(folder), dtype="float32" if str(cfg.trainer.precision).startswith("32") else "bfloat16",
@@ -114,13 +117,13 @@ def raw_vllm(cfg: DictConfig, steps: list, folder: Path) -> float:
     llm = LLM(**kwargs)
     stop = [tokenizer.eos_token_id]
     generated, seconds = 0, 0.0
-    for i, (prompts, seeds) in enumerate([steps[0], *steps]):  # the first, untimed: warm-up, as rlvr's first step
+    warm = SamplingParams(n=r.n, temperature=r.temperature, max_tokens=r.max_new_tokens, seed=0)
+    llm.generate([{"prompt_token_ids": steps[0][0][0][:8]}], warm, use_tqdm=False)  # warm-up, untimed
+    for prompts, seeds in steps:
         params = [SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
                                  seed=request_seed(s), logprobs=0, detokenize=False, stop_token_ids=stop)
                   for s in seeds]
-        if i == 0:
-            llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-            continue
+        llm.reset_prefix_cache()  # as after every weight update in an RL loop: rlvr's engine does the same
         began = time.perf_counter()
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         seconds += time.perf_counter() - began
