@@ -60,6 +60,12 @@ def token_logprobs_and_entropy(
     The LM head runs `chunk_tokens` positions at a time, each chunk under activation checkpointing
     when gradients are needed: at most one chunk's (tokens, V) float32 logits exist at once, in the
     forward and in the backward, never the (B, T, V) block (151,936 columns for Qwen2.5).
+
+    Why not a fused kernel: Liger's fused linear cross-entropy (Triton, CUDA only) gives per-token
+    log-probs but no entropy, which every step logs and `grpo.entropy_coef` trains on, and its fused
+    GRPO loss has its own loss math (no TIS weights, other aggregations). This path bounds memory the
+    same way on every device, and CI can test it; its price is one more LM-head pass per chunk in
+    the backward.
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
     flat_targets = targets.reshape(-1)  # (B*T,)
