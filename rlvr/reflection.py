@@ -16,7 +16,10 @@ runs in the reward workers, and every rule has a test on literal strings):
 - A question is no verdict, but a question answered by yes or no is: "Is it right? No." denies.
 - Verdict words in mathematics are not verdicts: a right angle or triangle, the error function,
   an error term or bound, "make sure", "valid for"; nor is "correct" as a verb ("let me correct it"),
-  nor an error the same sentence says was fixed.
+  nor an error the same sentence says was fixed, nor "the correct answer is 7" (the true value, named).
+- A belief it reports having had ("I thought it was wrong", "at first it seemed right") gives way
+  to what it says now; alone, it still counts.
+- "matches", "agrees" affirm and "mismatch", "inconsistent" deny, negation applying as above.
 - Every apostrophe counts (' ’ ` ´ ʼ). Clauses that agree give the verdict; clauses that disagree,
   or none at all, give None.
 """
@@ -34,6 +37,8 @@ NOT_VERDICTS = re.compile(  # mathematical and idiomatic uses of verdict words
     r"|\berror (?:function|term|terms|bound|bounds|estimate)s?\b"
     r"|\b(?:margin of|standard|relative|absolute|percent|percentage|truncation|approximation) error\b"
     r"|\btrial and error\b|\bvalid (?:for|when|if|only|in|on|as long)\b"
+    # "the correct answer is 7" names the true value; it is no verdict on the model's own answer
+    r"|\bthe (?:correct|right) (?:answer|value|result|solution|number|total|sum|product)s?(?= (?:is|are|was|should|would|=))"
 )
 CONTRACTIONS = ((re.compile(r"\bcan't\b|\bcannot\b"), "can not"), (re.compile(r"\bwon't\b"), "will not"),
                 (re.compile(r"n't\b"), " not"), (re.compile(r"\bfar from\b"), "not"),
@@ -41,10 +46,11 @@ CONTRACTIONS = ((re.compile(r"\bcan't\b|\bcannot\b"), "can not"), (re.compile(r"
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 TOKEN = re.compile(r"[a-z]+|[,;:()]")
 
-AFFIRM = frozenset({"correct", "right", "accurate", "valid", "verified", "flawless", "correctly", "accurately", "rightly"})
+AFFIRM = frozenset({"correct", "right", "accurate", "valid", "verified", "flawless", "correctly", "accurately", "rightly",
+                    "match", "matches", "agrees"})
 DENY = frozenset({"wrong", "incorrect", "mistake", "mistakes", "mistaken", "error", "errors", "erroneous", "inaccurate",
                   "invalid", "flawed", "failed", "unverified", "incorrectly", "wrongly", "mistakenly", "erroneously",
-                  "inaccurately"})
+                  "inaccurately", "mismatch", "inconsistent"})
 CERTAIN = frozenset({"sure", "certain", "confident", "convinced", "confidently", "certainly"})
 UNCERTAIN = frozenset({"unsure", "uncertain", "doubt", "doubts", "doubtful", "unconvinced"})
 NEGATORS = frozenset({"not", "no", "never", "nor", "none", "nothing", "nobody", "neither", "without", "hardly",
@@ -54,6 +60,8 @@ BOUNDARIES = frozenset({",", ";", ":", "(", ")", "but", "and", "however", "altho
                         "because", "since", "so", "while", "except", "otherwise"})
 CORRECT_AS_VERB_AFTER = frozenset({"to", "me", "must", "should", "will", "would", "can", "let", "we", "i", "and"})
 FIXED = frozenset({"fixed", "corrected", "resolved", "repaired", "fix"})
+SUPERSEDED = frozenset({"thought", "seemed", "initially", "originally", "first", "appeared", "assumed", "feared",
+                        "worried", "suspected"})  # a belief the reflection reports having had
 
 
 def _clean(text: str) -> str:
@@ -104,10 +112,12 @@ def _clause_verdict(words: list[str], fixed: bool) -> bool | None | str:
     return verdicts[0] if len(set(verdicts)) == 1 else "mixed"
 
 
-def _sentence_verdicts(sentence: str) -> tuple[list[bool | None | str], bool]:
+def _sentence_verdicts(sentence: str) -> tuple[list[tuple[bool | None | str, bool]], bool]:
+    """Each clause's verdict, with whether the clause reports an earlier belief ("I thought ...")."""
     words = TOKEN.findall(sentence)
     fixed = any(w in FIXED for w in words)
-    return [_clause_verdict(c, fixed) for c in _clauses(words)], sentence.rstrip().endswith("?")
+    clauses = _clauses(words)
+    return [(_clause_verdict(c, fixed), any(w in SUPERSEDED for w in c)) for c in clauses], sentence.rstrip().endswith("?")
 
 
 def reflection_verdict(text: str) -> bool | None:
@@ -117,7 +127,7 @@ def reflection_verdict(text: str) -> bool | None:
     explicit = EXPLICIT.findall(text)
     if explicit:
         return explicit[-1] in ("correct", "right")
-    found: list[bool | str] = []
+    found: list[tuple[bool | str, bool]] = []  # (verdict, from a reported earlier belief)
     question: bool | None = None
     for sentence in SENTENCE_END.split(text):
         if not sentence.strip():
@@ -125,15 +135,17 @@ def reflection_verdict(text: str) -> bool | None:
         if question is not None:  # the previous sentence asked; does this one answer yes or no?
             first = TOKEN.findall(sentence)[:1]
             if first in (["yes"], ["no"]):
-                found.append(question if first == ["yes"] else not question)
+                found.append((question if first == ["yes"] else not question, False))
                 sentence = sentence.split(first[0], 1)[1]
         verdicts, is_question = _sentence_verdicts(sentence)
-        asked = [v for v in verdicts if v is not None]
+        asked = [(v, earlier) for v, earlier in verdicts if v is not None]
         if is_question:
-            question = asked[0] if len(asked) == 1 and asked[0] != "mixed" else None
+            question = asked[0][0] if len(asked) == 1 and asked[0][0] != "mixed" else None
             continue
         question = None
         found += asked
-    if not found or "mixed" in found or len(set(found)) > 1:
+    # "I thought it was wrong, but it is correct": a belief it reports having had gives way to what it says now
+    present = [v for v, earlier in found if not earlier] or [v for v, _ in found]
+    if not present or "mixed" in present or len(set(present)) > 1:
         return None
-    return bool(found[0])
+    return bool(present[0])

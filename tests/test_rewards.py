@@ -208,6 +208,18 @@ REFLECTIONS = [  # (text, the verdict a careful reader takes from it)
     ("I think it's right. Verdict: correct", True),
     ("I am confident it is correct. Verdict: wrong", False),
     ("Some doubts remain.\nVerdict: **correct**", True),
+    # a belief it reports having had gives way to what it says now
+    ("I thought it was wrong, but it is correct.", True),
+    ("At first it seemed right, but actually it is wrong.", False),
+    ("It seemed wrong at first. After rechecking, it is correct.", True),
+    ("I thought it was correct.", True),  # alone, it still counts
+    ("First, I check the sum: it is correct.", True),  # "first" in a sequence of steps
+    # the true value named is no verdict; matching it is
+    ("My solution is incorrect; the correct answer is 7.", False),
+    ("The correct answer is 4, which matches mine.", True),
+    ("My answer does not match the correct answer.", False),
+    ("I got the correct answer.", True),
+    ("The correct answer is 7.", None),
     # ambiguous or missing
     ("Alright, let me think.", None),  # "alright" is not "right"
     ("I am confident, but there may be an error.", None),  # both: ambiguous
