@@ -65,6 +65,7 @@ def ground_truth_answer(ground_truth: str) -> str:
 
 _THOUSANDS = re.compile(r"(?<=\d)(?:\\,|\\ |\\;|\\!|~| |\{,\})(?=\d{3}(?!\d))")
 _UNIT_WORD = re.compile(r"^\s*([-−]?\d[\d,]*(?:\.\d+)?)\s*((?:[A-Za-z]{2,}|[mgslh])\.?(?:\s+[A-Za-z]+\.?)*)\s*$")
+_WHOLE_TEXT = re.compile(r"^\s*\\(?:text|textrm|mbox|mathrm)\s*\{([^{}]*)\}\s*$")
 MATH_WORDS = frozenset({"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "exp", "mod", "choose", "i", "e"})
 _REPEATING = re.compile(r"(-?)(\d*)\.(\d*)\\(?:overline|bar)\s*\{(\d+)\}")
 _RELATION = re.compile(r"(?:=|<|>|≤|≥|≠|\\le(?:q|qslant)?\b|\\ge(?:q|qslant)?\b|\\lt\b|\\gt\b|\\neq?\b|\\ne\b|\\approx\b)")
@@ -84,7 +85,8 @@ def normalize(answer: str) -> str:
     answer = unicodedata.normalize("NFKC", answer).replace("\u2212", "-")
     answer = _THOUSANDS.sub("", answer)
     answer = _REPEATING.sub(_repeating_to_fraction, answer)
-    unit = _UNIT_WORD.match(answer)
+    wrapped = _WHOLE_TEXT.match(answer)  # \text{18 dollars}: read inside, as for 18 dollars
+    unit = _UNIT_WORD.match(wrapped.group(1) if wrapped else answer)
     if unit and unit.group(2).split()[0].lower().rstrip(".") not in MATH_WORDS:
         answer = unit.group(1)
     return answer.strip()

@@ -84,7 +84,7 @@ def test_the_graded_box_is_the_one_before_the_reflection():
 @pytest.mark.parametrize(("box", "truth", "expected"), [
     ("\uff11\uff18", "18", 1.0),  # full-width digits (NFKC)
     (r"1\,000", "1000", 1.0), (r"1\ 000", "1000", 1.0), ("1{,}000", "1000", 1.0), ("1\u2009000", "1000", 1.0),
-    ("18 dollars", "18", 1.0), ("12 apples.", "12", 1.0), ("5 cm", "5", 1.0),  # a trailing unit word
+    ("18 dollars", "18", 1.0), ("12 apples.", "12", 1.0), ("5 cm", "5", 1.0), (r"\text{18 dollars}", "18", 1.0),  # a trailing unit word
     ("3 pi", "3", 0.0),  # ... but not a mathematical word
     (r"0.\overline{3}", r"\frac{1}{3}", 1.0), (r"0.1\overline{6}", "1/6", 1.0), (r"1.\bar{09}", r"\frac{12}{11}", 1.0),
     ("5 = 4", "4", 0.0), ("2+2=4", "4", 0.0), (r"\le 4", "4", 0.0), (r"x \le 4", "4", 0.0), ("x < 4", "4", 0.0),
