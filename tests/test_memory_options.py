@@ -2,16 +2,14 @@
 resumes exactly: torchao's 8-bit and 4-bit AdamW, bf16 weights with stochastic rounding, a bf16 KL
 reference, gradient checkpointing."""
 
-import csv
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from rlvr import checkpoints
-from rlvr.train import CONF_DIR, train
-from tiny import TINY
+from rlvr.train import train
+from tiny import TINY, compose_config, trained_steps
 
 pytest.importorskip("torchao", reason='the lean optimizers need torchao: pip install -e ".[lean]"')
 
@@ -27,13 +25,8 @@ OPTIONS = {
 
 
 def config(*overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=[*COMMON, *overrides])
+    return compose_config(*COMMON, *overrides)
 
-
-def metrics(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "metrics.csv").open(newline="") as f:
-        return [row for row in csv.DictReader(f) if row.get("train/loss")]
 
 
 @pytest.mark.parametrize("name", OPTIONS)
@@ -44,7 +37,7 @@ def test_a_memory_option_trains_and_resumes_exactly(tmp_path, name):
     step_1 = straight / "checkpoints" / "step-1.ckpt"
     train(config(*OPTIONS[name], "steps=2", f"ckpt_path={step_1}", f"output_dir={resumed}"))
 
-    (again,), reference = metrics(resumed), metrics(straight)
+    (again,), reference = trained_steps(resumed), trained_steps(straight)
     assert [r["step"] for r in reference] == ["0", "1"] and again["step"] == "1"
     for key in COMPARED:
         assert float(again[key]) == pytest.approx(float(reference[1][key]), rel=1e-5, abs=1e-7), (name, key)

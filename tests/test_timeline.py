@@ -2,7 +2,6 @@
 last.ckpt is never stale, rewinding to an earlier checkpoint moves the later ones aside, Ctrl-C
 finishes the step and saves, and a resume keeps the first run's config."""
 
-import csv
 import os
 import signal
 import subprocess
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
 from rlvr import checkpoints
-from rlvr.train import CONF_DIR, train
-from tiny import TINY
+from rlvr.train import train
+from tiny import TINY, compose_config, trained_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [*TINY, "mode=quick", "seed=4", "samples.every=null"]
@@ -23,17 +21,12 @@ COMPARED = ["reward/total", "train/loss", "train/grad_norm", "train/kl", "train/
 
 
 def config(*overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=[*COMMON, *overrides])
+    return compose_config(*COMMON, *overrides)
 
-
-def metrics(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "metrics.csv").open(newline="") as f:
-        return [row for row in csv.DictReader(f) if row.get("train/loss")]
 
 
 def steps_in(run_dir: Path) -> list[int]:
-    return [int(r["step"]) for r in metrics(run_dir)]
+    return [int(r["step"]) for r in trained_steps(run_dir)]
 
 
 def assert_matches(rows, reference, steps):
@@ -49,7 +42,7 @@ def assert_matches(rows, reference, steps):
 def uninterrupted(tmp_path_factory) -> list[dict[str, str]]:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     train(config("steps=6", f"output_dir={run_dir}"))
-    return metrics(run_dir)
+    return trained_steps(run_dir)
 
 
 def test_last_holds_the_end_of_a_run_that_is_not_a_multiple_of_save_every(tmp_path, uninterrupted):
@@ -61,7 +54,7 @@ def test_last_holds_the_end_of_a_run_that_is_not_a_multiple_of_save_every(tmp_pa
     train(config("steps=5", "save_every=2", "ckpt_path=last", f"output_dir={tmp_path}"))
     assert steps_in(tmp_path) == [0, 1, 2, 3, 4]  # exactly steps 3 and 4 were trained again
     assert checkpoints.steps_done(folder / "last.ckpt") == 5
-    assert_matches(metrics(tmp_path), uninterrupted, {0, 1, 2, 3, 4})
+    assert_matches(trained_steps(tmp_path), uninterrupted, {0, 1, 2, 3, 4})
 
 
 def test_rewinding_to_an_earlier_checkpoint_makes_it_the_present(tmp_path, uninterrupted):
@@ -79,7 +72,7 @@ def test_rewinding_to_an_earlier_checkpoint_makes_it_the_present(tmp_path, unint
     assert steps_in(tmp_path) == [0, 1, 2, 3, 4, 5]  # each step once
     assert not list(folder.glob("last-v*.ckpt"))
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt"] + [f"step-{i}.ckpt" for i in range(1, 7)]
-    assert_matches(metrics(tmp_path), uninterrupted, {0, 1, 2, 3, 4, 5})
+    assert_matches(trained_steps(tmp_path), uninterrupted, {0, 1, 2, 3, 4, 5})
 
 
 def test_a_resume_keeps_the_first_runs_config_and_writes_its_own_beside_it(tmp_path):
@@ -108,6 +101,6 @@ def test_ctrl_c_finishes_the_step_saves_it_and_the_resume_goes_on_from_there(tmp
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps_in(tmp_path) == [0, 1, 2, 3, 4, 5]  # nothing repeated, nothing skipped
-    assert_matches(metrics(tmp_path), uninterrupted, set(range(6)))
+    assert_matches(trained_steps(tmp_path), uninterrupted, set(range(6)))
     output = resumed.stdout + resumed.stderr
     assert "GRPO step" in output and "Training:" not in output  # the bar survives a resume
