@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ddp_run import digest
 from rlvr.models import load_checkpoint_policy

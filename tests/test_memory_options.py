@@ -2,7 +2,6 @@
 resumes exactly: torchao's 8-bit and 4-bit AdamW, bf16 weights with stochastic rounding, a bf16 KL
 reference, gradient checkpointing."""
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ last.ckpt is never stale, rewinding to an earlier checkpoint moves the later one
 finishes the step and saves, and a resume keeps the first run's config."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
