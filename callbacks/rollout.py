@@ -54,6 +54,7 @@ class RolloutCallback(L.Callback):
         n = self.sampling.n
         seeds = prompt_seeds(self.seed, batch["step"], batch["position"])
         generation = self.engine.generate(prompts, self.sampling, seeds)
+        self.engine.sleep()  # the update comes next: vLLM frees the GPU for it
         completions = generation.tokens
         generated = time.perf_counter()
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)

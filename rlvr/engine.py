@@ -51,6 +51,11 @@ class RolloutEngine(Protocol):
         """Take the trainer's current weights, by Hugging Face parameter name."""
         ...
 
+    def sleep(self) -> None:
+        """The trainer is about to update: free what the engine holds on the accelerator (vLLM's sleep
+        mode) until the next push or rollout wakes it. Only the training loop calls it."""
+        ...
+
     def close(self) -> None:
         """Release what the engine holds (vLLM's memory and process group; nothing for HF)."""
         ...
@@ -63,7 +68,7 @@ class EngineOptions:
     engine: str = "hf"  # hf | vllm
     generate_batch_size: int = 64  # prompts per `generate` call (hf), to bound the KV cache
     gpu_memory_utilization: float = 0.5  # the engine's share of GPU memory (vllm)
-    sleep_level: int = 1  # vllm on CUDA: 1 offloads weights and frees the KV cache between rollouts, 0 keeps them
+    sleep_level: int = 1  # vllm on CUDA: 1 offloads weights and frees the KV cache during updates, 2 drops the weights, 0 keeps them
     enforce_eager: bool = False  # vllm: no CUDA graphs / compilation (faster start, slower decoding)
     max_num_seqs: int = 256  # vllm: sequences decoded at once
     cpu_kvcache_gib: float = 2.0  # vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
@@ -236,6 +241,9 @@ class HFEngine:
         tokens = [_cut_at_eos(row.tolist(), self.eos_token_ids) for row in output[:, width:].cpu()]
         logprobs = torch.stack(sampler.logprobs, dim=1).cpu()  # (rows, steps)
         return Generation(tokens, [logprobs[i, : len(t)].tolist() for i, t in enumerate(tokens)])
+
+    def sleep(self) -> None:
+        pass  # the policy itself, or a copy the size of the engine's dtype: nothing worth freeing
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy weights in by name (casting to the engine's dtype); a separate copy first moves to

@@ -18,9 +18,10 @@ What this file knows about vLLM 0.32, so that nothing else has to:
   log_softmax(logits / T) compares with;
 - a request's n samples take seeds s, s+1, ... (parallel sampling), so each prompt's seed is
   hashed to a far-apart value first;
-- on CUDA, sleep mode: after a rollout the KV cache is freed and the weights go to host memory
-  (level 1) or are dropped (level 2), so the update has the GPU; a push wakes the weights, a
-  rollout the KV cache;
+- on CUDA, sleep mode: before each update (the training loop calls `sleep()`) the KV cache is
+  freed and the weights go to host memory (level 1) or are dropped (level 2), so the update has
+  the GPU; a push wakes the weights, a rollout the KV cache; after a level-2 sleep a rollout
+  before a push is an error, not gibberish;
 - on CPU: the KV cache is `VLLM_CPU_KVCACHE_SPACE` GiB, attention needs head_dim >= 32, sleep mode
   does not exist, vLLM would drop torch to one thread unless OMP_NUM_THREADS is set, and a seeded
   request must not have its prefill chunked (a CPU generator cannot rewind).
@@ -119,6 +120,7 @@ class VLLMEngine:
         self._max_model_len = max_model_len
         self._llm: Any = None
         self._asleep: set[str] = set()  # "weights", "kv_cache"
+        self._weights_dropped = False  # level-2 sleep: the weights must be pushed again before a rollout
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -160,10 +162,14 @@ class VLLMEngine:
             self.llm.wake_up(tags=waking)
             self._asleep -= set(waking)
 
-    def _sleep(self) -> None:
+    def sleep(self) -> None:
+        """Called by the training loop before an update, never after every rollout: at level 2 the
+        weights are dropped, so only a push may wake them (validation or evaluation between two
+        rollouts would otherwise generate with garbage weights)."""
         if self.sleep_level and not self._asleep:
             self.llm.sleep(level=self.sleep_level)
             self._asleep = {"weights", "kv_cache"}
+            self._weights_dropped = self.sleep_level >= 2
 
     def close(self) -> None:
         """Free the engine and, unless it joined the trainer's process group, vLLM's own one."""
@@ -185,6 +191,7 @@ class VLLMEngine:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._wake(["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self._weights_dropped = False
         if self.tied:
             self.llm.collective_rpc(_retie_lm_head)
         self._wake(["kv_cache"])
@@ -193,6 +200,9 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int]) -> Generation:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per prompt")
+        if self._weights_dropped:
+            raise RuntimeError("the vLLM engine slept at level 2, which drops its weights; push them (load_weights) "
+                               "before generating, or use rollout.sleep_level=1")
         self._wake(["weights", "kv_cache"])
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         sampling = [
@@ -203,7 +213,6 @@ class VLLMEngine:
             for seed in seeds
         ]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        self._sleep()
         tokens, logprobs = [], []
         for request in outputs:  # in the order of the prompts
             for sample in sorted(request.outputs, key=lambda s: s.index):

@@ -180,7 +180,21 @@ def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path):
     module = GRPOModule(policy, config, batch_size=4)
     data = PromptDataModule(load_examples("arithmetic", size=64), tokenizer, batch_size=4)
     data.setup()
-    engine = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    events = []
+
+    class Engine(HFEngine):  # records the order the rollout callback drives it in
+        def generate(self, *args):
+            events.append("generate")
+            return super().generate(*args)
+
+        def sleep(self):
+            events.append("sleep")
+
+        def load_weights(self, weights):
+            events.append("push")
+            super().load_weights(weights)
+
+    engine = Engine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
     history = []
 
     class Record(L.Callback):
@@ -194,6 +208,8 @@ def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path):
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
     assert len(history) == 30
     assert last > 0.3 and last > 5 * first, (first, last)
+    # the engine sleeps between its rollout and the update, and the push after the update wakes it
+    assert events == ["push"] + ["generate", "sleep", "push"] * 30
 
 
 def test_reference_model_is_held_only_with_kl_and_never_checkpointed(tokenizer):

@@ -132,6 +132,60 @@ def test_cpu_attention_needs_head_dim_32(tokenizer):
         make_engine(OPTIONS, narrow, tokenizer, max_model_len=256)
 
 
+class RecordingLLM:
+    """Stands in for vllm.LLM to follow the sleep/wake calls, which the CPU backend does not have."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags: list[str]) -> None:
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def collective_rpc(self, method, kwargs=None) -> None:
+        self.calls.append(("rpc", method if isinstance(method, str) else "retie"))
+
+    def reset_prefix_cache(self) -> None:
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, requests, sampling, use_tqdm=False):
+        from types import SimpleNamespace as NS
+
+        self.calls.append(("generate", len(requests)))
+        sample = NS(index=0, token_ids=[5], logprobs=[{5: NS(logprob=-0.5)}])
+        return [NS(outputs=[sample]) for _ in requests]
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_the_engine_sleeps_only_when_the_trainer_updates_and_wakes_for_a_push_or_a_rollout(tokenizer, level):
+    engine = make_engine(OPTIONS, tiny_model(ModelSpec("tiny"), len(tokenizer)), tokenizer, max_model_len=256)
+    engine._llm, engine.sleep_level = RecordingLLM(), level  # as on CUDA with rollout.sleep_level=level
+    calls = engine._llm.calls
+    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=4)
+    engine.load_weights([])
+    engine.generate([[1, 2]], params, [0])
+    engine.generate([[3, 4]], params, [1])  # validation or evaluation: two rollouts, no sleep between them
+    assert not any(c[0] == "sleep" for c in calls)
+    engine.sleep()  # the trainer updates
+    engine.sleep()  # already asleep: nothing more
+    assert [c for c in calls if c[0] == "sleep"] == [("sleep", level)]
+    if level == 2:  # the weights were dropped: a rollout before the push would be gibberish
+        with pytest.raises(RuntimeError, match="push them"):
+            engine.generate([[1, 2]], params, [0])
+    del calls[:]
+    engine.load_weights([])  # the push after the update wakes the weights, then the KV cache
+    engine.generate([[1, 2]], params, [0])
+    assert calls == [("wake_up", ("weights",)), ("rpc", "reload_weights"), ("rpc", "retie"), ("wake_up", ("kv_cache",)),
+                     ("reset_prefix_cache",), ("generate", 1)]
+    if level == 1:  # weights kept in host memory: a rollout may also wake both without a push
+        engine.sleep()
+        del calls[:]
+        engine.generate([[1, 2]], params, [0])
+        assert calls == [("wake_up", ("weights", "kv_cache")), ("generate", 1)]
+
+
 # -- training through the real entry point ---------------------------------------------------------
 
 RUN = [*TINY, "rollout.engine=vllm", "mode=quick", "steps=3", "save_every=1", "seed=5", "samples.every=null",
