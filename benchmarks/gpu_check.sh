@@ -13,7 +13,9 @@
 #   2. the step breakdown for gpu=l4 (Qwen2.5-Math-1.5B, 1,024 new tokens) under a 24 GiB cap
 #      (torch.cuda.set_per_process_memory_fraction), and for gpu=h100 (16 prompts x 8 x 256 tokens,
 #      the configuration measured at 202 tokens/s before), both with the HF engine (vLLM is not there);
-#   3. the GPU-marked tests (tests/test_gpu.py: device-side sampling, gpu=h100 trains and resumes);
+#   3. the HF engine's sampler per decoding step against the one that ran at 202 tokens/s
+#      (benchmarks/sampler.py --device cuda);
+#   4. the GPU-marked tests (tests/test_gpu.py: device-side sampling, gpu=h100 trains and resumes);
 # and one table at the end. Record the table in benchmarks/RESULTS.md with the GPU's name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,7 @@ if [[ -n "${GPU_CHECK_ON_CPU:-}" ]]; then  # plumbing only: tiny model on CPU, a
     L4=(--gpu cpu --model tiny); H100=(--gpu cpu --model tiny); CAP=()
     SIZE=(--batch-size 4 --n 4 --max-new-tokens 16 --steps 2)
     L4_SIZE=("${SIZE[@]}"); H100_SIZE=("${SIZE[@]}")
-    MEM_ARGS=(); GPU_TESTS=(-m gpu -q)
+    MEM_ARGS=(); GPU_TESTS=(-m gpu -q); SAMPLER=(--device cpu --steps 2)
 else
     python "$SHARED/gpu/make_architectures.py" "$SHARED/tokenizers/qwen2.5" > "$OUT/architectures.log" 2>&1 \
         || { tail -20 "$OUT/architectures.log"; exit 1; }
@@ -37,7 +39,7 @@ else
     CAP=(--mem-cap-gib 24)
     L4_SIZE=(--batch-size 8 --n 8 --max-new-tokens 1024 --steps 2)
     H100_SIZE=(--batch-size 16 --n 8 --max-new-tokens 256 --steps 3)
-    MEM_ARGS=(--cuda); GPU_TESTS=(-m gpu -q)
+    MEM_ARGS=(--cuda); GPU_TESTS=(-m gpu -q); SAMPLER=(--device cuda --steps 20)
 fi
 
 step() {  # name, command...: run, log to $OUT/name.log, keep the last lines
@@ -53,6 +55,7 @@ step memory_l4 python benchmarks/memory.py "${MEM_ARGS[@]}" --only gpu=l4,model=
 step memory_baseline python benchmarks/memory.py "${MEM_ARGS[@]}" --baseline
 step breakdown_l4 python benchmarks/step_breakdown.py --engines hf --no-raw "${CAP[@]}" "${L4_SIZE[@]}" "${L4[@]}"
 step breakdown_h100 python benchmarks/step_breakdown.py --engines hf --no-raw "${H100_SIZE[@]}" "${H100[@]}"
+step sampler python benchmarks/sampler.py "${SAMPLER[@]}"
 step gpu_tests python -m pytest "${GPU_TESTS[@]}" -rs tests/test_gpu.py
 
 echo
@@ -64,4 +67,5 @@ done
 for name in breakdown_l4 breakdown_h100; do
     echo "-- $name"; sed -n '/ on gpu=/,$p' "$OUT/$name.log" | grep -v "^$" || tail -5 "$OUT/$name.log"
 done
+echo "-- sampler"; tail -5 "$OUT/sampler.log"
 echo "-- gpu_tests"; tail -3 "$OUT/gpu_tests.log"

@@ -95,7 +95,7 @@ def decode_dtype(precision: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Counter-based noise: a prompt's samples are a function of its seed, on any device
+# Counter-based random numbers: a prompt's samples are a function of its seed, on any device
 # ---------------------------------------------------------------------------------------------
 
 _MASK32 = 0xFFFFFFFF
@@ -121,24 +121,25 @@ def row_keys(seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.
     return hash32(hash32(seeds_t & 0x7FFFFFFF) ^ ((seeds_t >> 31) & _MASK32))
 
 
-def uniform_noise(keys: torch.Tensor, position: int, vocab_index_hash: torch.Tensor) -> torch.Tensor:
-    """(rows, V) uniforms in (0, 1), a pure function of (row key, position, token id).
+def row_uniforms(keys: torch.Tensor, position: int) -> torch.Tensor:
+    """(rows,) float64 uniforms in (0, 1), a pure function of (row key, decoding position).
 
     Drawn where the logits are, in one vectorized pass: no per-row generators, no host copies.
-    torch has no public counter-based generator, hence this hash. 24 bits per draw (float32-exact).
+    torch has no public counter-based generator, hence this hash.
     """
     step_keys = hash32(keys ^ hash32(torch.tensor(position + 1, dtype=torch.int64, device=keys.device)))  # (rows,)
-    bits = hash32(step_keys[:, None] ^ vocab_index_hash[None, :]) >> 8  # (rows, V)
-    return (bits.float() + 0.5) * 2.0**-24
+    return (step_keys.double() + 0.5) * 2.0**-32
 
 
 class SeededSampler(LogitsProcessor):
     """Samples every row from its own stream, so a row's tokens do not depend on the others.
 
-    Gumbel-max: argmax(logits / T + g), g = -log(-log(u)), is a draw from softmax(logits / T)
-    (restricted to the top-p nucleus when top_p < 1). Hugging Face then decodes greedily, since the
-    sampling already happened here. The sampled token's log-prob is recorded on the way.
-    temperature 0 is greedy decoding (no noise; log-probs of the untempered distribution).
+    Inverse-CDF sampling: one counter-based uniform u per row and step, and the token where the
+    cumulative softmax(logits / T) (restricted to the top-p nucleus when top_p < 1) passes u. One
+    random number per row, not one per vocabulary entry as Gumbel-max needs (151,936 for Qwen2.5):
+    cheap on a CPU as on a GPU. The returned scores keep only that token, so Hugging Face's greedy
+    decoding picks it. The sampled token's log-prob is recorded on the way. temperature 0 is greedy
+    decoding (log-probs of the untempered distribution).
     """
 
     def __init__(self, row_seeds: Sequence[int], temperature: float, top_p: float) -> None:
@@ -148,7 +149,6 @@ class SeededSampler(LogitsProcessor):
         self.position = 0
         self.logprobs: list[torch.Tensor] = []  # (rows,) per decoding step
         self._keys: torch.Tensor | None = None
-        self._vocab_hash: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float()  # (rows, V)
@@ -161,15 +161,15 @@ class SeededSampler(LogitsProcessor):
             probs, order = scores.softmax(dim=-1).sort(dim=-1, descending=True)  # (rows, V)
             outside = probs.cumsum(dim=-1) - probs > self.top_p  # mass before a token already covers top_p
             scores = scores.scatter(-1, order, torch.where(outside, float("-inf"), scores.gather(-1, order)))
-        if self._keys is None or self._vocab_hash is None or self._vocab_hash.numel() != scores.shape[-1]:
+        if self._keys is None:
             self._keys = row_keys(self.seeds, scores.device)
-            self._vocab_hash = hash32(torch.arange(scores.shape[-1], dtype=torch.int64, device=scores.device))
-        gumbel = -(-uniform_noise(self._keys, self.position, self._vocab_hash).log()).log()  # (rows, V)
-        perturbed = scores + gumbel
-        chosen = perturbed.argmax(dim=-1, keepdim=True)  # (rows, 1): what greedy decoding will pick
-        self.logprobs.append(scores.log_softmax(dim=-1).gather(-1, chosen).squeeze(-1))
+        log_norm = scores.logsumexp(dim=-1, keepdim=True)  # (rows, 1)
+        cdf = (scores - log_norm).exp().double().cumsum(dim=-1)  # (rows, V); float64: u < total, exactly
+        u = row_uniforms(self._keys, self.position)[:, None] * cdf[:, -1:]  # (rows, 1)
+        chosen = torch.searchsorted(cdf, u, right=True)  # (rows, 1): a zero-probability token is never chosen
+        self.logprobs.append((scores.gather(-1, chosen) - log_norm).squeeze(-1))
         self.position += 1
-        return perturbed
+        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
 
 def row_seeds(prompt_seeds: Sequence[int], n: int) -> list[int]:
