@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import os
 import sys
 import time
 import weakref
@@ -329,8 +330,13 @@ def main() -> None:
               f"{time.perf_counter() - began:>5.0f}", flush=True)
         last = (profile, model, total if not args.baseline else result["peak"])
     if last is not None:
-        print(f"peak_gib gpu={last[0]} model={last[1]} {last[2]:.1f}")
+        print(f"peak_gib gpu={last[0]} model={last[1]} {last[2]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
     main()
+    # Exit without the interpreter's teardown: destroying fake tensors inside torchao's quantized
+    # optimizer state crashed it at exit in 3 of 8 runs on this CPU (torch 2.13, torchao 0.18),
+    # after every figure above was printed.
+    sys.stderr.flush()
+    os._exit(0)
