@@ -165,12 +165,7 @@ DATA_HINT = "use a local file, e.g. data.source=../shared/data/gsm8k/train.jsonl
 
 def check_config(cfg: DictConfig, profile: str | None = None) -> None:
     """Everything about a training run that can be checked before a model or data set loads."""
-    import torch
-
-    accelerator = str(cfg.trainer.accelerator)
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        where = f"gpu={profile}" if profile else f"trainer.accelerator={accelerator}"
-        raise UserError(f"{where} needs a CUDA GPU and this machine has none; run with gpu=cpu")
+    check_accelerator(cfg, profile)
     for key in ("devices", "num_nodes"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise UserError(f"{key}={cfg[key]!r} must be a positive integer")
@@ -178,11 +173,7 @@ def check_config(cfg: DictConfig, profile: str | None = None) -> None:
         raise UserError(f"trainer.strategy={cfg.trainer.strategy}: FSDP1 cannot run rlvr's step (see rlvr/distributed.py); "
                         "use trainer.strategy=fsdp2")
     _check_training_values(cfg)
-    if cfg.rollout.engine == "vllm":
-        from rlvr import vllm_engine
-
-        if not vllm_engine.available():
-            raise UserError(vllm_engine.MISSING)
+    check_engine(cfg.rollout.engine)
     if cfg.optim.name != "adamw" or cfg.optim.bf16_stochastic_round:
         if importlib.util.find_spec("torchao") is None:
             raise UserError(f'optim.name={cfg.optim.name} needs torchao: pip install -e ".[lean]"')
@@ -194,12 +185,34 @@ def check_config(cfg: DictConfig, profile: str | None = None) -> None:
     if cfg.model.chat_template and not Path(cfg.model.chat_template).is_file():
         raise UserError(f"model.chat_template={cfg.model.chat_template}: no such file")
     _check_data(cfg)
-    for name in cfg.validation.benchmarks:
-        if name not in cfg.benchmark_sources:
-            raise UserError(f"validation.benchmarks: {name!r} is not in benchmark_sources; choose one of "
-                            f"{sorted(cfg.benchmark_sources)} or add +benchmark_sources.{name}=FILE.jsonl")
-        check_source(f"benchmark_sources.{name}", str(cfg.benchmark_sources[name]), DATA_HINT)
+    check_benchmarks("validation.benchmarks", cfg.validation.benchmarks, cfg.benchmark_sources)
     _check_resume(cfg)
+
+
+def check_accelerator(cfg: DictConfig, profile: str | None) -> None:
+    import torch
+
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        where = f"gpu={profile}" if profile else f"trainer.accelerator={accelerator}"
+        raise UserError(f"{where} needs a CUDA GPU and this machine has none; run with gpu=cpu")
+
+
+def check_engine(engine: str) -> None:
+    if engine == "vllm":
+        from rlvr import vllm_engine
+
+        if not vllm_engine.available():
+            raise UserError(vllm_engine.MISSING)
+
+
+def check_benchmarks(key: str, names: Any, sources: Any) -> None:
+    """Each named benchmark has a source, and that source is a file here or a reachable hub id."""
+    for name in names:
+        if name not in sources:
+            raise UserError(f"{key}: {name!r} is not in benchmark_sources; choose one of "
+                            f"{sorted(sources)} or add +benchmark_sources.{name}=FILE.jsonl")
+        check_source(f"benchmark_sources.{name}", str(sources[name]), DATA_HINT)
 
 
 def grpo_config(cfg: DictConfig):
@@ -217,11 +230,8 @@ def _check_training_values(cfg: DictConfig) -> None:
     try:
         grpo_config(cfg).updates_per_step(cfg.batch_size, cfg.devices * cfg.num_nodes)
         weights_from_env((cfg.reward.alpha, cfg.reward.beta, cfg.reward.gamma))
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:  # updates_per_step: batch, mini-batch and processes divide
         raise UserError(str(error)) from None
-    if cfg.batch_size % (cfg.devices * cfg.num_nodes):
-        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the {cfg.devices * cfg.num_nodes} processes "
-                        "(devices x num_nodes)")
     if cfg.rollout.engine not in ("hf", "vllm"):
         raise UserError(f"rollout.engine={cfg.rollout.engine!r}; choose hf or vllm")
 

@@ -247,32 +247,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-def check_evaluate(cfg: DictConfig) -> None:
+def check_evaluate(cfg: DictConfig, profile: str | None = None) -> None:
     """What evaluation needs before anything loads: the accelerator, the model, the benchmarks, the engine."""
-    from rlvr.cli import DATA_HINT, MODEL_HINT, UserError, check_source
-
-    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError("this gpu profile needs a CUDA GPU and this machine has none; run with gpu=cpu")
+    cli.check_accelerator(cfg, profile)
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
-        raise UserError(f"model={cfg.checkpoint}: no such checkpoint file")
+        raise cli.UserError(f"model={cfg.checkpoint}: no such checkpoint file")
     if not cfg.checkpoint:
-        check_source("model.name", str(cfg.model.name), MODEL_HINT)
-    for name in cfg.benchmarks:
-        if name not in cfg.benchmark_sources:
-            raise UserError(f"benchmark {name!r} is not in benchmark_sources; choose one of "
-                            f"{sorted(cfg.benchmark_sources)} or add it: +benchmark_sources.{name}=FILE.jsonl")
-        check_source(f"benchmark_sources.{name}", str(cfg.benchmark_sources[name]), DATA_HINT)
-    if cfg.rollout.engine == "vllm":
-        from rlvr import vllm_engine
-
-        if not vllm_engine.available():
-            raise UserError(vllm_engine.MISSING)
+        cli.check_source("model.name", str(cfg.model.name), cli.MODEL_HINT)
+    cli.check_benchmarks("benchmarks", cfg.benchmarks, cfg.benchmark_sources)
+    cli.check_engine(cfg.rollout.engine)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        check_evaluate(cfg)
+        check_evaluate(cfg, profile=HydraConfig.get().runtime.choices.get("gpu"))
         evaluate(cfg)
     except cli.UserError as error:  # a bad setting, benchmark row or checkpoint: one line, status 2
         cli.fail(error, Path(HydraConfig.get().runtime.output_dir))

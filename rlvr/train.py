@@ -21,6 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from rlvr import cli
 from rlvr.cli import UserError, check_config, check_overrides, fail, grpo_config, model_argument, quiet
 
 if TYPE_CHECKING:  # the training stack is imported in train(): a wrong command fails before Lightning's import
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # the training stack is imported in train(): a wrong command 
     from rlvr.engine import RolloutEngine
     from rlvr.rewards import RewardScorer
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(cli.CONF_DIR)
 log = logging.getLogger(__name__)
 # Lightning warns that manual optimization saves the weights after the update: that is what resume needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
