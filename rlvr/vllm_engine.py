@@ -120,7 +120,6 @@ class VLLMEngine:
         self._max_model_len = max_model_len
         self._llm: Any = None
         self._asleep: set[str] = set()  # "weights", "kv_cache"
-        self._weights_dropped = False  # level-2 sleep: the weights must be pushed again before a rollout
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -169,7 +168,6 @@ class VLLMEngine:
         if self.sleep_level and not self._asleep:
             self.llm.sleep(level=self.sleep_level)
             self._asleep = {"weights", "kv_cache"}
-            self._weights_dropped = self.sleep_level >= 2
 
     def close(self) -> None:
         """Free the engine and, unless it joined the trainer's process group, vLLM's own one."""
@@ -191,7 +189,6 @@ class VLLMEngine:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._wake(["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
-        self._weights_dropped = False
         if self.tied:
             self.llm.collective_rpc(_retie_lm_head)
         self._wake(["kv_cache"])
@@ -200,7 +197,7 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int]) -> Generation:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per prompt")
-        if self._weights_dropped:
+        if "weights" in self._asleep and self.sleep_level >= 2:  # dropped: only a push brings them back
             raise RuntimeError("the vLLM engine slept at level 2, which drops its weights; push them (load_weights) "
                                "before generating, or use rollout.sleep_level=1")
         self._wake(["weights", "kv_cache"])
