@@ -45,9 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from rlvr.data import StepSampler, build_prompt, load_examples  # noqa: E402
-from rlvr.module import GRPOConfig, GRPOModule  # noqa: E402
+from rlvr.module import GRPOModule  # noqa: E402
 from rlvr.rewards import RewardBatch  # noqa: E402
 from rlvr.train import CONF_DIR  # noqa: E402
+
+try:
+    from rlvr.grpo import GRPOConfig
+except ImportError:  # the code of the first H200 run (--baseline on that commit) kept it in rlvr.module
+    from rlvr.module import GRPOConfig
 
 SHARED = ROOT.parent / "shared"
 GIB = 2**30

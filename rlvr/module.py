@@ -34,7 +34,7 @@ import torchmetrics
 from torch import nn
 
 from rlvr import distributed, grpo
-from rlvr.grpo import GRPOConfig  # noqa: F401  (the step's settings live with the math: cheap to import and check)
+from rlvr.grpo import GRPOConfig
 from rlvr.optim import make_optimizer
 from rlvr.rewards import pearson
 from rlvr.rollout import Rollout

@@ -13,7 +13,8 @@ from callbacks.rollout import RolloutCallback
 from rlvr.data import PromptDataModule, load_examples
 from rlvr.engine import Generation, HFEngine, SamplingParams
 from rlvr.models import ModelSpec, load_model, tiny_tokenizer
-from rlvr.module import GRPOConfig, GRPOModule
+from rlvr.grpo import GRPOConfig
+from rlvr.module import GRPOModule
 from rlvr.rewards import RewardBatch
 from rlvr.rollout import pack_rollout
 
