@@ -6,8 +6,18 @@ with the total so that each part can be logged and each weight swept.
 
 `RewardScorer` scores a batch: format and reflect in this process (linear-time string work), the
 math-verify check in a pool of worker processes, each verification under a hard time limit
-(`setitimer` in the worker's main thread, where signals work, plus a watchdog here that replaces a
-pool whose worker is stuck in C code). A response that times out scores verify = 0 and is counted.
+(a repeating interval timer in the worker's main thread, where signals work, plus a watchdog here
+that replaces a pool whose worker is stuck in C code). A response that times out scores verify = 0
+and is counted.
+
+What bounds a verification, by path:
+- a pool worker: the repeating timer; a single long call into C, which no signal interrupts, is
+  bounded by the pool's stall watchdog, which kills the pool and rescores in processes killed on time;
+- off the main thread (`score()` from a thread): a process of its own, killed when late;
+- in this process on the main thread (`score()`, `RewardScorer(workers=0)`, as the tests' runs
+  use): the repeating timer. A single long C call cannot be interrupted there; `too_costly` turns
+  away the inputs known to cause one (huge exponents, power towers, long digit runs, deep nesting)
+  before any parsing, and the test suite's per-test limit (pytest-timeout) fails a stuck test.
 """
 
 from __future__ import annotations
@@ -195,8 +205,30 @@ class _Timeout(BaseException):
     """A BaseException, so the `except Exception` inside math-verify and sympy cannot swallow it."""
 
 
-def _on_alarm(signum, frame):  # noqa: ARG001
-    raise _Timeout
+# After the first deadline the timer fires again every REARM_S until it is disarmed: one alarm whose
+# exception is lost (raised inside a finalizer or a garbage-collector callback, where Python reports
+# it as "Exception ignored" and drops it, or caught by a bare `except:` in a library) is followed by
+# another. A one-shot timer has no second chance, and once hung the test suite (issue 23). A process
+# per verification would also be unlosable, but costs a process start per answer on the in-process
+# path, which the tests' end-to-end runs use; the repeating timer costs nothing on ordinary answers.
+REARM_S = 0.05
+
+
+class _Alarm:
+    """The SIGALRM handler: raises _Timeout while a verification is armed, does nothing after.
+
+    `armed` is cleared by a plain attribute store, where the interpreter runs no signal handler,
+    before the timer is stopped, so an alarm that lands once the result is known is a no-op.
+    """
+
+    armed = False
+
+    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        if self.armed:
+            raise _Timeout
+
+
+_on_alarm = _Alarm()  # one per process, as SIGALRM is
 
 
 def _die_with(parent: int) -> None:
@@ -219,16 +251,21 @@ def _worker_init(parent: int) -> None:
 
 
 def _verify_limited(response: str, ground_truth: str, timeout: float) -> tuple[float, bool]:
-    """verify_signal under an interval timer; runs in a worker's main thread. -> (score, timed_out)."""
-    signal.setitimer(signal.ITIMER_REAL, timeout)
+    """verify_signal under the repeating interval timer; runs in a main thread, with `_on_alarm` as
+    the SIGALRM handler. -> (score, timed_out)."""
+    result = (0.0, True)
+    _on_alarm.armed = True
     try:
-        return verify_signal(response, ground_truth), False
+        signal.setitimer(signal.ITIMER_REAL, timeout, REARM_S)
+        result = (verify_signal(response, ground_truth), False)
     except _Timeout:
-        return 0.0, True
+        pass
     except Exception:  # a parser or sympy failure on odd input is a wrong answer, not a crash
-        return 0.0, False
+        result = (0.0, False)
     finally:
+        _on_alarm.armed = False  # first, with no call before it: see _Alarm
         signal.setitimer(signal.ITIMER_REAL, 0)
+    return result
 
 
 def verify_bounded(response: str, ground_truth: str, timeout: float | None) -> tuple[float, bool]:

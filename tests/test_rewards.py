@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -329,6 +330,64 @@ def test_score_is_bounded_by_its_time_limit_on_and_off_the_main_thread():
     thread.start()
     thread.join(60)
     assert result["verify"] == 0.0 and time.perf_counter() - began < 45  # elsewhere: a process, killed when late
+
+
+class _SleepsInItsFinalizer:
+    """Its finalizer sleeps through the first alarm: the _Timeout raised there is reported as
+    "Exception ignored" and dropped, as one raised inside a garbage-collector callback would be."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __del__(self) -> None:
+        time.sleep(self.seconds)
+
+
+def _loses_the_first_alarm_in_a_finalizer(response, ground_truth):
+    obj = _SleepsInItsFinalizer(10.0)
+    del obj  # the finalizer runs here, and the first alarm lands inside it
+    time.sleep(10.0)  # a verification that would run on: only a second alarm can stop it
+    return 1.0
+
+
+def _swallows_the_first_alarm(response, ground_truth):
+    try:
+        time.sleep(10.0)
+    except BaseException:  # a library's bare `except:`
+        pass
+    time.sleep(10.0)
+    return 1.0
+
+
+@pytest.mark.parametrize("verify", [_loses_the_first_alarm_in_a_finalizer, _swallows_the_first_alarm],
+                         ids=["lost-in-finalizer", "swallowed"])
+def test_a_lost_alarm_does_not_unbound_verification(monkeypatch, verify):
+    """The first alarm is lost, deterministically; the call still returns within its bound (a
+    one-shot timer sleeps on for 10 s and scores 1.0)."""
+    from rlvr import rewards
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    monkeypatch.setattr(rewards, "verify_signal", verify)
+    began = time.perf_counter()
+    assert rewards.verify_bounded("\\boxed{1}", "1", timeout=0.5) == (0.0, True)
+    assert time.perf_counter() - began < 2.0
+    if verify is _loses_the_first_alarm_in_a_finalizer:
+        assert dropped == [rewards._Timeout]  # the first alarm really was lost in the finalizer
+    assert rewards.verify_bounded("\\boxed{1}", "1", timeout=0.5) == (0.0, True)  # and again: nothing left armed
+
+
+def test_an_alarm_after_the_result_is_known_does_nothing():
+    """Once a verification has returned, a late alarm from its timer must not raise anywhere."""
+    from rlvr import rewards
+
+    assert rewards.verify_bounded("\\boxed{4}", "4", timeout=0.5) == (1.0, False)
+    signal.setitimer(signal.ITIMER_REAL, 0.01)  # an alarm after disarming
+    previous = signal.signal(signal.SIGALRM, rewards._on_alarm)
+    try:
+        time.sleep(0.1)  # the handler runs here: not armed, so no _Timeout
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_pathological_responses_time_out_without_stalling():
