@@ -15,13 +15,17 @@ on its last micro-batch.
 
 An update whose loss or gradient is not finite is skipped: its gradients are dropped before the
 optimizer step, so neither the weights nor AdamW's moments see it. It is counted, and too many in a
-row stop the run. The checkpoint also carries every RNG state and those counters.
+row stop the run. An update whose gradient is exactly zero (every group's rewards tie and no KL or
+entropy term acts) is skipped the same way: AdamW would otherwise still move every weight, by its
+moments from earlier updates and by weight decay, along no signal at all. The checkpoint also
+carries every RNG state and those counters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import random
 import time
@@ -39,6 +43,7 @@ from rlvr.optim import make_optimizer
 from rlvr.rewards import pearson
 from rlvr.rollout import Rollout
 
+log = logging.getLogger(__name__)
 
 def reference_copy(policy: nn.Module, dtype: str | None) -> nn.Module:
     """The frozen KL reference: a copy of the initial policy, in `dtype` (bf16 halves it) or the policy's."""
@@ -96,6 +101,7 @@ class GRPOModule(L.LightningModule):
         self.reward_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric(dist_sync_on_step=True) for k in REWARD_KEYS})
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, in all
         self.consecutive_skips = 0
+        self.no_signal_updates = 0  # updates skipped for a gradient that is exactly zero, in all
         # logger=False: the loggers get the whole resolved config from train.py instead
         self.save_hyperparameters({"grpo": asdict(config), "batch_size": batch_size, "model": model_spec}, logger=False)
 
@@ -187,8 +193,11 @@ class GRPOModule(L.LightningModule):
                 grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm))
                 sums["grad_norm"] += float(grad_norm) / self.updates_per_step
                 finite = math.isfinite(float(grad_norm)) and math.isfinite(update_loss)
-                if self.trainer.strategy.reduce_boolean_decision(not finite, all=False):  # all ranks skip together
+                strategy = self.trainer.strategy  # the ranks decide together
+                if strategy.reduce_boolean_decision(not finite, all=False):
                     self._skip_update(optimizer, float(grad_norm), update_loss, batch["step"])
+                elif strategy.reduce_boolean_decision(float(grad_norm) == 0.0, all=True):
+                    self._skip_no_signal(optimizer, batch["step"])
                 else:
                     self.consecutive_skips = 0
                 optimizer.step()  # after a skip no parameter has a gradient, so AdamW leaves all as they are
@@ -222,6 +231,16 @@ class GRPOModule(L.LightningModule):
                 f"loss {loss}, grad norm {grad_norm}); stopping. The last checkpoint predates them; "
                 "lower optim.lr or raise grpo.max_consecutive_skips to go on.")
 
+    def _skip_no_signal(self, optimizer, step: int) -> None:
+        """Drop an update whose gradient is exactly zero, so that the optimizer moves nothing (its
+        step count, moments and weight decay stay as they were); counted, and said once."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.no_signal_updates == 0 and self.trainer.is_global_zero:
+            log.info("GRPO step %d: no gradient signal (every group's rewards tie, and no KL or entropy term "
+                     "acts), so the optimizer did not step; such updates are counted in train/no_signal_updates "
+                     "(said once)", step)
+        self.no_signal_updates += 1
+
     # -- checkpoint state ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -230,6 +249,7 @@ class GRPOModule(L.LightningModule):
         checkpoint["rlvr"] = {
             "skipped_updates": self.skipped_updates,
             "consecutive_skips": self.consecutive_skips,
+            "no_signal_updates": self.no_signal_updates,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -244,6 +264,7 @@ class GRPOModule(L.LightningModule):
             return
         self.skipped_updates = state["skipped_updates"]
         self.consecutive_skips = state["consecutive_skips"]
+        self.no_signal_updates = state.get("no_signal_updates", 0)  # absent from checkpoints that predate it
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
@@ -287,6 +308,7 @@ class GRPOModule(L.LightningModule):
             self.log(f"train/{key}", value, prog_bar=key == "loss", **log)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], **log)
         self.log("train/skipped_updates", float(self.skipped_updates), **log)
+        self.log("train/no_signal_updates", float(self.no_signal_updates), **log)
         tied = grpo.tied_groups(rewards, self.config.n).float().mean()
         self.log("train/tied_groups", float(tied), **log)
         lengths = rollout.response_mask.sum(dim=1)

@@ -6,11 +6,14 @@ a response), recording what each rank saw (tests/test_distributed.py drives this
 Each rank appends its rollouts' rewards and prompts per step to RECORD_DIR/rank-R.jsonl and, at the
 end, digests of its policy's full weights (gathered under FSDP2) and of its engine's weights.
 Lightning's launcher starts the other ranks with this same command; `trainer.strategy=fsdp2` shards
-the tiny model (a Qwen2 too) as the h100x8 profile does.
+the tiny model (a Qwen2 too) as the h100x8 profile does. With DDP_RUN_TIED_AFTER_FIRST=1 every step
+after the first gets rewards that all tie (no signal), and each step's record carries digests of the
+weights and of the optimizer state.
 """
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +28,15 @@ from rlvr.rewards import RewardBatch
 
 
 class DigitsReward:
+    def __init__(self, tied_after_first: bool = False) -> None:
+        self.tied_after_first = tied_after_first
+        self.calls = 0
+
     def __call__(self, texts, truths) -> RewardBatch:
+        self.calls += 1
         t = torch.tensor([sum(c.isdigit() for c in text) / max(len(text), 1) for text in texts])
+        if self.tied_after_first and self.calls > 1:
+            t = torch.ones_like(t)
         return RewardBatch(t, torch.zeros_like(t), torch.zeros_like(t), t, 0)
 
     def close(self) -> None:
@@ -42,8 +52,14 @@ class Recorder(L.Callback):
             f.write(json.dumps({"world": trainer.world_size, **record}) + "\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._write(trainer, {"step": batch["step"], "position": batch["position"],
-                              "rewards": batch["samples"]["rewards"]["total"].tolist()})
+        record = {"step": batch["step"], "position": batch["position"],
+                  "rewards": batch["samples"]["rewards"]["total"].tolist()}
+        if TIED_AFTER_FIRST:
+            state = trainer.optimizers[0].state_dict()["state"]
+            record["step_weights"] = digest({n: w.clone() for n, w in policy_weights(pl_module)})
+            record["optimizer_state"] = digest({f"{i}.{k}": torch.as_tensor(v) for i, s in state.items()
+                                                for k, v in s.items()})
+        self._write(trainer, record)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         (rollout,) = [c for c in trainer.callbacks if isinstance(c, RolloutCallback)]
@@ -60,9 +76,11 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+TIED_AFTER_FIRST = os.environ.get("DDP_RUN_TIED_AFTER_FIRST") == "1"
+
 if __name__ == "__main__":
     folder = Path(sys.argv[1])
     with initialize_config_dir(config_dir=train_module.CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=sys.argv[2:])
-    train_module.reward_scorer = lambda cfg: DigitsReward()
+    train_module.reward_scorer = lambda cfg: DigitsReward(TIED_AFTER_FIRST)
     train_module.train(cfg, extra_callbacks=[Recorder(folder)])

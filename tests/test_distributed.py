@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,10 @@ COMMON = [*TINY, "batch_size=4", "rollout.n=4", "seed=3", "save_every=1", "sampl
           "optim.lr=1e-3", "grpo.micro_batch_size=4"]  # micro 4 < 8 rows per rank: accumulation too
 
 
-def run(folder: Path, *overrides: str) -> None:
+def run(folder: Path, *overrides: str, env: dict | None = None) -> None:
     folder.mkdir(exist_ok=True)
     done = subprocess.run([sys.executable, "tests/ddp_run.py", str(folder), *COMMON, f"output_dir={folder}", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -91,3 +92,20 @@ def test_fsdp2_on_two_processes_trains_as_one_and_its_checkpoint_resumes_on_one(
     assert sorted(resumed) == [0, 1, 2]
     for key in ("reward/total", "train/loss", "train/grad_norm"):
         assert resumed[2][key] == pytest.approx(reference[2][key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_two_processes_skip_a_step_with_no_signal_together(tmp_path):
+    """Step 0 has signal; steps 1 and 2 tie (KL 0, entropy 0): both ranks leave weights and AdamW's
+    state bit-identical, and count the skips."""
+    folder = tmp_path / "tied"
+    run(folder, "devices=2", "steps=3", "grpo.kl_coef=0", "grpo.entropy_coef=0", "optim.weight_decay=0.1",
+        env={"DDP_RUN_TIED_AFTER_FIRST": "1"})
+    for rank in (0, 1):
+        steps = [r for r in records(folder, rank) if "step" in r]
+        assert [r["step"] for r in steps] == [0, 1, 2]
+        assert steps[1]["step_weights"] == steps[0]["step_weights"] == steps[2]["step_weights"]
+        assert steps[1]["optimizer_state"] == steps[0]["optimizer_state"] == steps[2]["optimizer_state"]
+    logged = metrics(folder)
+    assert logged[0]["train/grad_norm"] > 0 and logged[0]["train/no_signal_updates"] == 0
+    assert (logged[1]["train/no_signal_updates"], logged[2]["train/no_signal_updates"]) == (1, 2)

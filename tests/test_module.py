@@ -264,3 +264,54 @@ def test_tiny_tokenizer_token_i_is_byte_i_in_every_process():
     tok = tiny_tokenizer()
     text = "<think>ü</think>\\boxed{7}"
     assert tok.decode(tok(text)["input_ids"]) == text
+
+
+class FirstUnevenThenTied:
+    """Step 0's rewards differ within groups (a real update, so AdamW has moments); later steps tie."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, texts, truths):
+        self.calls += 1
+        if self.calls == 1:
+            return TargetTokenReward()(texts, truths)
+        return rewards_for([1.0] * len(texts))
+
+    def close(self):
+        pass
+
+
+def test_a_step_with_no_signal_moves_no_weight_and_no_optimizer_state(tokenizer):
+    """Every group ties, KL 0, entropy 0: the gradient is zero, and AdamW must not step on it (its
+    moments and weight decay would still move every weight)."""
+    L.seed_everything(0)
+    policy = make_policy(tokenizer)
+    config = GRPOConfig(n=4, micro_batch_size=16, lr=1e-3, kl_coef=0.0, entropy_coef=0.0, max_new_tokens=8,
+                        weight_decay=0.1)
+    module = GRPOModule(policy, config, batch_size=4)
+    data = PromptDataModule(load_examples("arithmetic", size=64), tokenizer, batch_size=4)
+    data.setup()
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            state = copy.deepcopy(trainer.optimizers[0].state_dict()["state"])
+            snapshots.append(({n: p.detach().clone() for n, p in pl_module.policy.named_parameters()}, state,
+                              trainer.callback_metrics["train/no_signal_updates"].item(),
+                              trainer.callback_metrics["train/grad_norm"].item()))
+
+    engine = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    sampling = SamplingParams(n=4, temperature=1.0, max_new_tokens=8)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[RolloutCallback(engine, FirstUnevenThenTied(), tokenizer, sampling), Snapshot()])
+    trainer.fit(module, datamodule=data)
+    (w0, s0, skipped0, norm0), (w1, s1, skipped1, norm1), (w2, s2, skipped2, _) = snapshots
+    assert norm0 > 0 and skipped0 == 0 and s0  # step 0 updated: AdamW has moments
+    assert norm1 == 0 and (skipped1, skipped2) == (1, 2) and module.no_signal_updates == 2
+    for weights, state in ((w1, s1), (w2, s2)):
+        assert all(torch.equal(weights[n], w0[n]) for n in w0)  # bit-identical weights
+        assert state.keys() == s0.keys()
+        for key in s0:
+            assert all(torch.equal(torch.as_tensor(state[key][k]), torch.as_tensor(s0[key][k])) for k in s0[key])
