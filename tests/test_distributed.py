@@ -14,6 +14,7 @@ from rlvr.models import load_checkpoint_policy
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(1200)  # each test here chains several training runs (subprocesses)
 COMMON = [*TINY, "batch_size=4", "rollout.n=4", "seed=3", "save_every=1", "samples.every=null",
           "optim.lr=1e-3", "grpo.micro_batch_size=4"]  # micro 4 < 8 rows per rank: accumulation too
 

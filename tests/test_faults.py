@@ -20,6 +20,7 @@ from rlvr.train import CONF_DIR, train
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(1200)  # each test here chains several training runs (subprocesses)
 STEPS = 4
 COMMON = [*TINY, "mode=quick", f"steps={STEPS}", "save_every=1", "seed=2"]
 COMPARED = ["reward/total", "reward/verify", "train/loss", "train/grad_norm", "train/kl", "response_length/mean"]

