@@ -15,9 +15,12 @@ Fixed rows: 4 per micro-batch, as gpu=l4. Token budget: 4 x (the longest prompt 
 response), so that the widest micro-batch is the fixed-row worst case. Each round runs one update
 (`GRPOModule.training_step`, no KL term, one update per step: the gradient passes only) with each
 method, in alternating order, on the same weights (SGD with lr 0; AdamW's step would add the same
-time to both); a method's time is its best round, the one least slowed by other jobs (the mean is
-printed beside it). It prints each method's micro-batch count, padding fraction, update seconds,
-and its FLOP rate as a fraction of this machine's measured fp32 matmul rate: 6 x the matmul
+time to both). The update's time is the CPU time of the process (`time.process_time`), not the wall
+clock: on a machine shared with other jobs the wall clock measures the share of the cores this job
+got (both are printed per round). A method's time is its best round (the mean is printed beside
+it). It prints each method's micro-batch count, padding fraction, update CPU seconds,
+and its FLOP rate as a fraction of this machine's measured fp32 matmul rate (both per CPU second
+per thread): 6 x the matmul
 parameters (the linear layers and the LM head) per token, forward and backward; attention's own
 matmuls (a few percent at these lengths) are left out. "useful" counts the rows' tokens,
 "computed" the padding too. The last line is `token-budget/fixed-row update time ratio: X.XX`.
@@ -105,13 +108,13 @@ def update_module(policy: nn.Module, **micro: int) -> tuple[GRPOModule, dict]:
 
 
 def matmul_rate(size: int = 2048, tries: int = 5) -> float:
-    """This machine's fp32 matmul FLOP/s: the best of `tries` square products."""
+    """This machine's fp32 matmul FLOP/s per second of CPU time per thread: the best of `tries` square products."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     best = math.inf
     for _ in range(tries):
-        began = time.perf_counter()
+        began = time.process_time()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - began)
+        best = min(best, (time.process_time() - began) / torch.get_num_threads())
     return 2 * size**3 / best
 
 
@@ -145,26 +148,28 @@ def main() -> None:
     print(f"rollout: {PROMPTS} prompts x {SAMPLES} samples, MATH-500 lengths (Qwen2.5 tokens) / {args.scale}: "
           f"prompt mean {statistics.mean(prompt_lengths):.0f} max {max(prompt_lengths)}, response mean "
           f"{statistics.mean(response_lengths):.0f} max {max(response_lengths)}; {useful} tokens in all")
-    print(f"matmul rate: {rate / 1e9:.1f} GFLOP/s (fp32 {2048}x{2048}, best of 5)")
+    print(f"matmul rate: {rate / 1e9:.1f} GFLOP per CPU second per thread (fp32 2048x2048, best of 5)")
 
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     for round_ in range(args.rounds):
         for name in (list(methods) if round_ % 2 == 0 else list(reversed(methods))):
             module, logged = modules[name]
+            cpu = time.process_time()
             module.training_step({"rollout": rollout, "step": round_}, round_)
-            seconds[name].append(float(logged["time/update_s"]))
-            print(f"  round {round_ + 1}: {name} {seconds[name][-1]:.1f} s", flush=True)
+            seconds[name].append(time.process_time() - cpu)
+            print(f"  round {round_ + 1}: {name} {seconds[name][-1]:.1f} CPU s, {float(logged['time/update_s']):.1f} s "
+                  "wall", flush=True)
 
     # The best round of each: the one least slowed by other jobs on the machine
-    print(f"\n{'method':<22}{'micro-batches':>14}{'padding_frac':>14}{'update_s best':>15}{'mean':>8}"
+    print(f"\n{'method':<22}{'micro-batches':>14}{'padding_frac':>14}{'update CPU s best':>19}{'mean':>8}"
           f"{'useful/matmul':>15}{'computed/matmul':>17}")
     best = {name: min(s) for name, s in seconds.items()}
     for name, (module, logged) in modules.items():
         micro = module._micro_batches(rollout, 0, rows)
         padding = float(logged["train/padding_frac"])
         computed = useful / (1.0 - padding)
-        flops = lambda tokens: 6 * params * tokens / best[name] / rate  # noqa: E731
-        print(f"{name:<22}{len(micro):>14}{padding:>14.3f}{best[name]:>15.2f}{statistics.mean(seconds[name]):>8.2f}"
+        flops = lambda tokens: 6 * params * tokens / (best[name] / torch.get_num_threads()) / rate  # noqa: E731
+        print(f"{name:<22}{len(micro):>14}{padding:>14.3f}{best[name]:>19.2f}{statistics.mean(seconds[name]):>8.2f}"
               f"{flops(useful):>15.3f}{flops(computed):>17.3f}")
     fixed, tokens = (best[name] for name in methods)
     print(f"token-budget/fixed-row update time ratio: {tokens / fixed:.2f}")
