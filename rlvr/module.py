@@ -68,8 +68,10 @@ class TokenLogprobs(nn.Module):
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
         hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions,
                       use_cache=False).last_hidden_state  # (b, W, H)
-        predicts = (starts[:, None] - 1 + torch.arange(responses, device=ids.device)).clamp(0, ids.shape[1] - 2)  # (b, r)
-        hidden = hidden.gather(1, predicts[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, r, H): each predicts the next
+        # The column before each response token predicts it (clamped on padding, which is masked out)
+        predicts = starts[:, None] - 1 + torch.arange(responses, device=ids.device)  # (b, r)
+        predicts = predicts.clamp(0, ids.shape[1] - 2)
+        hidden = hidden.gather(1, predicts[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, r, H)
         return grpo.token_logprobs_and_entropy(hidden, head.weight, ids.gather(1, predicts + 1), temperature, head.bias,
                                                chunk_tokens=chunk_tokens, with_entropy=entropy)
 
@@ -196,7 +198,8 @@ class GRPOModule(L.LightningModule):
         ref_logp: dict[tuple[int, int], torch.Tensor] = {}
         began = time.perf_counter()
         with torch.no_grad():
-            for key, rows in (((m, i), _forward_rows(rows)) for m, mini in enumerate(minis) for i, rows in enumerate(mini)):
+            for key, rows in (((m, i), _forward_rows(rows)) for m, mini in enumerate(minis)
+                              for i, rows in enumerate(mini)):
                 if self.updates_per_step > 1:  # else the sampling policy is the current one: ratio 1
                     old_logp[key] = self._logprobs(self._policy_logprobs, rollout, rows, entropy=False)[0]
                 if self._reference is not None:
