@@ -11,13 +11,16 @@ Choices (after DeepSeekMath's GRPO with DAPO's decoupled clip and Dr. GRPO's opt
 - an entropy bonus;
 - losses aggregated per token over a whole mini-batch ("token-mean", the default), per sequence
   ("seq-mean-token-mean"), or summed per sequence over a fixed horizon ("seq-mean-token-sum-norm",
-  Dr. GRPO). Normalizers are passed in so that micro-batch losses add up to the mini-batch loss.
+  Dr. GRPO). Normalizers are passed in so that micro-batch losses add up to the mini-batch loss;
+- micro-batches of a fixed number of rows, or of a token budget: rows sorted by length and filled
+  up to the budget, so that little of the update is spent on padding.
 
 Shapes: B sequences, T response tokens, V vocabulary. Masks are 1.0 on response tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -164,6 +167,51 @@ def clipped_policy_loss(
 
 
 # ---------------------------------------------------------------------------------------------
+# Micro-batches
+# ---------------------------------------------------------------------------------------------
+
+
+def padded_tokens(lengths: Sequence[int], rows: Sequence[int]) -> int:
+    """The tokens one forward over `rows` computes, padding included. `lengths`: each row's prompt plus
+    response. A micro-batch lays each row out as its prompt then its response, right-padded (the
+    rollout's left padding of prompts is dropped), so it is as wide as its longest row."""
+    return len(rows) * max((lengths[i] for i in rows), default=0)
+
+
+def token_budget_micro_batches(lengths: Sequence[int], budget: int, max_padding: float = 0.05) -> list[list[int]]:
+    """Row indices grouped into micro-batches of at most `budget` padded tokens (`padded_tokens`), each
+    at most `max_padding` padding; a row longer than the budget goes alone. `lengths`: prompt plus
+    response of each row.
+
+    Sorted, then filled (next-fit decreasing): rows longest first (ties by index), each micro-batch
+    taking the next row while the budget allows and its padding stays within `max_padding`. The
+    sorted order keeps neighbours close in length; the padding bound closes a micro-batch where the
+    long tail is sparse (a 1,000-token row with a 400-token neighbour), which the budget alone would
+    fill with rows padded to more than twice their length.
+
+    Why not balanced partitioning (verl's Karmarkar-Karp over a fixed count): it evens out the token
+    sums of micro-batches by mixing long rows with short ones, and each short row is then padded to
+    its long neighbour. What the update costs is the padded total; the ranks' counts are evened out
+    separately (empty micro-batches, in rlvr.module).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    useful = 0  # the current micro-batch's tokens; its width is its first (longest) row's length
+    for i in order:
+        if current:
+            padded = (len(current) + 1) * lengths[current[0]]
+            if padded > budget or useful + lengths[i] < (1.0 - max_padding) * padded:
+                batches.append(current)
+                current, useful = [], 0
+        current.append(i)
+        useful += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
 # The step's settings (checked before anything loads: this module imports torch only)
 # ---------------------------------------------------------------------------------------------
 
@@ -174,6 +222,7 @@ class GRPOConfig:
     ppo_epochs: int = 1
     mini_batch_size: int | None = None  # prompts per update; None = the whole batch, one update
     micro_batch_size: int = 8  # sequences per forward/backward
+    micro_batch_tokens: int | None = None  # padded tokens per forward/backward, rows sorted by length; wins when set
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.001
@@ -204,6 +253,9 @@ class GRPOConfig:
         for key in ("ppo_epochs", "micro_batch_size", "max_new_tokens", "max_consecutive_skips", "logprob_chunk_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"grpo.{key}={getattr(self, key)} must be at least 1")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(f"grpo.micro_batch_tokens={self.micro_batch_tokens} must be at least 1 (or null: "
+                             "grpo.micro_batch_size rows per micro-batch)")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"grpo.mini_batch_size={self.mini_batch_size} must be at least 1 (or null)")
         if self.loss_agg not in LOSS_AGGS:

@@ -11,7 +11,9 @@ term is a frozen copy of the initial policy, held only when kl_coef > 0, and nev
 Under DDP (or FSDP) each rank holds B / world prompts of the global batch. Loss normalizers are the
 global token and sequence counts (all-reduced), so the all-reduced gradient is that of the global
 batch and the first-step loss equals a one-process run's. Gradients are all-reduced once per update,
-on its last micro-batch.
+on its last micro-batch. Micro-batches cut by a token budget (`grpo.micro_batch_tokens`) may number
+differently on each rank; every rank then runs the largest count, the missing ones as empty
+micro-batches (a masked forward and backward), so that FSDP2's collectives pair up.
 
 An update whose loss or gradient is not finite is skipped: its gradients are dropped before the
 optimizer step, so neither the weights nor AdamW's moments see it. It is counted, and too many in a
@@ -63,12 +65,19 @@ class TokenLogprobs(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, responses: int,
-                temperature: float, chunk_tokens: int, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor,
+                responses: int, temperature: float, chunk_tokens: int,
+                entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(b, W) rows laid out as prompt then response, right-padded; `starts` (b,): each row's first
+        response column -> (b, responses) log-probs of the response tokens (and entropies)."""
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
         hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions,
-                      use_cache=False).last_hidden_state[:, -(responses + 1) : -1]  # (b, r, H): each predicts the next
-        return grpo.token_logprobs_and_entropy(hidden, head.weight, ids[:, -responses:], temperature, head.bias,
+                      use_cache=False).last_hidden_state  # (b, W, H)
+        # The column before each response token predicts it (clamped on padding, which is masked out)
+        predicts = starts[:, None] - 1 + torch.arange(responses, device=ids.device)  # (b, r)
+        predicts = predicts.clamp(0, ids.shape[1] - 2)
+        hidden = hidden.gather(1, predicts[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, r, H)
+        return grpo.token_logprobs_and_entropy(hidden, head.weight, ids.gather(1, predicts + 1), temperature, head.bias,
                                                chunk_tokens=chunk_tokens, with_entropy=entropy)
 
 
@@ -78,6 +87,12 @@ class _Frozen:
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval().requires_grad_(False)
         self.logprobs = TokenLogprobs(self.model)
+
+
+def _forward_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The rows a micro-batch's forward runs: its own, or for an empty one (padding, so that every rank
+    runs as many forwards and collectives as the busiest) row 0, whose loss is then masked out."""
+    return rows if len(rows) else torch.zeros(1, dtype=torch.long, device=rows.device)
 
 
 REWARD_KEYS = ("verify", "format", "reflect", "total", "accuracy")
@@ -130,17 +145,45 @@ class GRPOModule(L.LightningModule):
     # -- log-probs -----------------------------------------------------------------------------
 
     def _logprobs(self, model: TokenLogprobs, rollout: Rollout, rows: torch.Tensor, entropy: bool):
-        """Response-token log-probs (b, r) and entropies for the given rows, padding trimmed."""
+        """Response-token log-probs (b, r) and entropies for the given rows, r their longest response.
+
+        Each row is laid out as its prompt then its response, right-padded to the longest row: the
+        micro-batch is as wide as its longest prompt + response (`grpo.padded_tokens`), not its longest
+        prompt plus its longest response, as the rollout's left-padded layout would make it."""
         mask = rollout.response_mask[rows]  # (b, R)
-        r = int(mask.sum(dim=1).max().item())  # longest response in this micro-batch
         p = rollout.prompt_width
-        attention = rollout.attention_mask[rows, : p + r]  # (b, P + r)
-        first = int(attention.any(dim=0).nonzero()[0].item())  # first column anyone attends to
-        ids = rollout.input_ids[rows, first : p + r]  # (b, W)
-        attention = attention[:, first:]
+        prompt_lengths = rollout.attention_mask[rows, :p].sum(dim=1)  # (b,)
+        lengths = prompt_lengths + mask.sum(dim=1).long()  # (b,)
+        r, width = int(mask.sum(dim=1).max().item()), int(lengths.max().item())
+        columns = torch.arange(width, device=rows.device)  # (W,)
+        attention = (columns < lengths[:, None]).long()  # (b, W)
+        source = (columns + (p - prompt_lengths)[:, None]).clamp(max=rollout.input_ids.shape[1] - 1)  # (b, W)
+        ids = rollout.input_ids[rows].gather(1, source) * attention  # (b, W), padding id 0 (never attended)
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (b, W)
-        logp, ent = model(ids, attention, positions, r, self.config.temperature, self.config.logprob_chunk_tokens, entropy)
+        logp, ent = model(ids, attention, positions, prompt_lengths, r, self.config.temperature,
+                          self.config.logprob_chunk_tokens, entropy)
         return logp, ent, mask[:, :r]
+
+    def _micro_batches(self, rollout: Rollout, start: int, end: int) -> list[torch.Tensor]:
+        """Rows start..end-1 (a mini-batch of whole groups) cut into micro-batches: `micro_batch_size`
+        consecutive rows, or when `micro_batch_tokens` is set, by length under that budget."""
+        c, device = self.config, rollout.input_ids.device
+        if c.micro_batch_tokens is None:
+            return [torch.arange(m, min(m + c.micro_batch_size, end), device=device)
+                    for m in range(start, end, c.micro_batch_size)]
+        lengths = rollout.attention_mask[start:end].sum(dim=1).tolist()  # prompt + response of each row
+        return [torch.tensor(rows, device=device) + start
+                for rows in grpo.token_budget_micro_batches(lengths, c.micro_batch_tokens)]
+
+    def _even_out(self, minis: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Pad each mini-batch with empty micro-batches up to the most any rank has: under FSDP2 every
+        forward is a collective, so all ranks must run as many (DDP is padded the same way)."""
+        if self.trainer.world_size == 1:
+            return minis
+        counts = torch.tensor([len(mini) for mini in minis], device=self.device)
+        most = self.trainer.strategy.reduce(counts, reduce_op="max").tolist()
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        return [mini + [empty] * (int(m) - len(mini)) for mini, m in zip(minis, most, strict=True)]
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -155,26 +198,25 @@ class GRPOModule(L.LightningModule):
         # Mini-batches of whole groups (this rank's share of each); micro-batches cut inside them.
         world = self.trainer.world_size
         rows_per_mini = (c.mini_batch_size or self.batch_size) // world * c.n
-        minis = [
-            [torch.arange(m, min(m + c.micro_batch_size, e), device=device) for m in range(s, e, c.micro_batch_size)]
-            for s, e in ((s, min(s + rows_per_mini, num_rows)) for s in range(0, num_rows, rows_per_mini))
-        ]
-        old_logp: dict[int, torch.Tensor] = {}
-        ref_logp: dict[int, torch.Tensor] = {}
+        minis = self._even_out([self._micro_batches(rollout, s, min(s + rows_per_mini, num_rows))
+                                for s in range(0, num_rows, rows_per_mini)])
+        old_logp: dict[tuple[int, int], torch.Tensor] = {}  # by (mini-batch, micro-batch)
+        ref_logp: dict[tuple[int, int], torch.Tensor] = {}
         began = time.perf_counter()
         with torch.no_grad():
-            for rows in (rows for mini in minis for rows in mini):
+            for key, rows in (((m, i), _forward_rows(rows)) for m, mini in enumerate(minis)
+                              for i, rows in enumerate(mini)):
                 if self.updates_per_step > 1:  # else the sampling policy is the current one: ratio 1
-                    old_logp[int(rows[0])] = self._logprobs(self._policy_logprobs, rollout, rows, entropy=False)[0]
+                    old_logp[key] = self._logprobs(self._policy_logprobs, rollout, rows, entropy=False)[0]
                 if self._reference is not None:
-                    ref_logp[int(rows[0])] = self._logprobs(self._reference.logprobs, rollout, rows, entropy=False)[0]
+                    ref_logp[key] = self._logprobs(self._reference.logprobs, rollout, rows, entropy=False)[0]
 
         logprobs_done = time.perf_counter()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         sums = dict.fromkeys(("loss", "pg_loss", "pg_clipfrac", "kl", "entropy", "grad_norm", "tis_weight"), 0.0)
         gap_max = 0.0
         for _ in range(c.ppo_epochs):
-            for mini in minis:
+            for m, mini in enumerate(minis):
                 # Global counts over the ranks, divided by world: DDP averages the ranks' gradients.
                 local = torch.tensor([sum(float(rollout.response_mask[rows].sum()) for rows in mini),
                                       sum(len(rows) for rows in mini)], dtype=torch.float64, device=device)
@@ -182,9 +224,8 @@ class GRPOModule(L.LightningModule):
                 optimizer.zero_grad()
                 update_loss = 0.0
                 for i, rows in enumerate(mini):
-                    start = int(rows[0])
                     with self._gradient_sync(last=i == len(mini) - 1):
-                        stats = self._micro_step(rollout, rows, advantages, old_logp.get(start), ref_logp.get(start),
+                        stats = self._micro_step(rollout, rows, advantages, old_logp.get((m, i)), ref_logp.get((m, i)),
                                                  num_tokens, num_seqs)
                     update_loss += stats["loss"]
                     gap_max = max(gap_max, stats.pop("logprob_gap_max"))
@@ -203,9 +244,16 @@ class GRPOModule(L.LightningModule):
                 optimizer.step()  # after a skip no parameter has a gradient, so AdamW leaves all as they are
                 scheduler.step()
         sums["logprob_gap_max"] = gap_max
+        update_s = time.perf_counter() - logprobs_done
         timing = dict(on_step=True, on_epoch=False, batch_size=1)
         self.log("time/logprobs_s", logprobs_done - began, **timing)  # old (several updates) and reference log-probs
-        self.log("time/update_s", time.perf_counter() - logprobs_done, **timing)
+        self.log("time/update_s", update_s, **timing)
+        # What each forward computed, padding included (the empty micro-batches' stand-in rows left out)
+        lengths = rollout.attention_mask.sum(dim=1).tolist()
+        computed = sum(grpo.padded_tokens(lengths, rows.tolist()) for mini in minis for rows in mini)
+        synced = dict(timing, sync_dist=True)
+        self.log("train/padding_frac", 1.0 - sum(lengths) / computed, **synced)  # the mean over ranks
+        self.log("train/update_tokens_per_s", c.ppo_epochs * sum(lengths) / update_s, **{**synced, "reduce_fx": "sum"})
         self._log_step(sums, rollout, rewards)
 
     def _gradient_sync(self, last: bool):
@@ -278,7 +326,10 @@ class GRPOModule(L.LightningModule):
                     num_tokens: float, num_seqs: float) -> dict[str, float]:
         """Backward of this micro-batch's share of the mini-batch loss; returns its share of the stats."""
         c = self.config
+        live = len(rows) > 0
+        rows = _forward_rows(rows)
         logp, entropy, mask = self._logprobs(self._policy_logprobs, rollout, rows, entropy=True)
+        mask = mask if live else torch.zeros_like(mask)  # an empty micro-batch adds nothing to the loss
         old = logp.detach() if old_logp is None else old_logp
         engine_logp = rollout.engine_logprobs[rows, : mask.shape[1]]  # (b, r)
         tis = grpo.tis_weights(old, engine_logp, c.tis_cap)

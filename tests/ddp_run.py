@@ -3,8 +3,8 @@ a response), recording what each rank saw (tests/test_distributed.py drives this
 
     python tests/ddp_run.py RECORD_DIR key=value ...
 
-Each rank appends its rollouts' rewards and prompts per step to RECORD_DIR/rank-R.jsonl and, at the
-end, digests of its policy's full weights (gathered under FSDP2) and of its engine's weights.
+Each rank appends its rollouts' rewards, prompts and micro-batch count (before evening out) per step
+to RECORD_DIR/rank-R.jsonl and, at the end, digests of its policy's full weights (gathered under FSDP2) and of its engine's weights.
 Lightning's launcher starts the other ranks with this same command; `trainer.strategy=fsdp2` shards
 the tiny model (a Qwen2 too) as the h100x8 profile does. With DDP_RUN_TIED_AFTER_FIRST=1 every step
 after the first gets rewards that all tie (no signal), and each step's record carries digests of the
@@ -52,8 +52,11 @@ class Recorder(L.Callback):
             f.write(json.dumps({"world": trainer.world_size, **record}) + "\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        rows = batch["rollout"].input_ids.shape[0]  # the rollout callback, after this one, drops it
         record = {"step": batch["step"], "position": batch["position"],
-                  "rewards": batch["samples"]["rewards"]["total"].tolist()}
+                  "rewards": batch["samples"]["rewards"]["total"].tolist(),
+                  "lengths": batch["rollout"].attention_mask.sum(dim=1).tolist(),
+                  "micro_batches": len(pl_module._micro_batches(batch["rollout"], 0, rows))}
         if TIED_AFTER_FIRST:
             state = trainer.optimizers[0].state_dict()["state"]
             record["step_weights"] = digest({n: w.clone() for n, w in policy_weights(pl_module)})

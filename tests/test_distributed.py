@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(1200)  # each test here chains several training runs (subprocesses)
 COMMON = [*TINY, "batch_size=4", "rollout.n=4", "seed=3", "save_every=1", "samples.every=null",
           "optim.lr=1e-3", "grpo.micro_batch_size=4"]  # micro 4 < 8 rows per rank: accumulation too
+BUDGET = 600  # tokens per micro-batch: two of these runs' rows (about 220 tokens), and 4 or 5 micro-batches a rank
 
 
 def run(folder: Path, *overrides: str, env: dict | None = None) -> None:
@@ -45,11 +46,16 @@ def one(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.slow
-def test_two_processes_train_as_one_and_resume_on_another_device_count(tmp_path, one):
-    two = tmp_path / "two"
-    run(two, "devices=2", "steps=2")
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> Path:
+    """DDP over two processes, 4 rows per micro-batch."""
+    folder = tmp_path_factory.mktemp("two")
+    run(folder, "devices=2", "steps=2")
+    return folder
 
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_and_resume_on_another_device_count(two, one):
     ranks = [records(two, 0), records(two, 1)]
     assert all(r[-1]["world"] == 2 for r in ranks)
     assert ranks[0][-1]["weights"] == ranks[1][-1]["weights"]  # both replicas end with the same weights
@@ -72,12 +78,30 @@ def test_two_processes_train_as_one_and_resume_on_another_device_count(tmp_path,
 
 
 @pytest.mark.slow
+def test_token_budget_micro_batches_on_two_processes_give_the_fixed_row_step(tmp_path, two):
+    """DDP with micro-batches by a token budget (rows sorted by length, counts evened out over the
+    ranks) against 4 rows per micro-batch: the same first step, to float rounding."""
+    budget = tmp_path / "budget"
+    run(budget, "devices=2", "steps=1", f"grpo.micro_batch_tokens={BUDGET}")
+    counts = [[r["micro_batches"] for r in records(budget, rank) if "step" in r] for rank in (0, 1)]
+    assert counts[0] != counts[1], counts  # one rank ran an empty micro-batch
+    fixed, logged = metrics(two)[0], metrics(budget)[0]
+    for key in ("reward/total", "train/loss", "train/pg_loss", "train/grad_norm", "train/entropy", "train/kl"):
+        assert logged[key] == pytest.approx(fixed[key], rel=1e-5), key
+    assert logged["train/padding_frac"] < fixed["train/padding_frac"]
+
+
+@pytest.mark.slow
 def test_fsdp2_on_two_processes_trains_as_one_and_its_checkpoint_resumes_on_one(tmp_path, one):
     """FSDP2 (`trainer.strategy=fsdp2`, as gpu=h100x8 sets it) over two gloo CPU processes: one unit per
-    decoder layer, the KL reference sharded too, each engine refreshed with gathered weights."""
+    decoder layer, the KL reference sharded too, each engine refreshed with gathered weights. Micro-
+    batches by a token budget, so the ranks cut different numbers of them: evened out, or the
+    collectives would hang."""
     sharded = tmp_path / "fsdp2"
-    run(sharded, "trainer.strategy=fsdp2", "devices=2", "steps=2")
+    run(sharded, "trainer.strategy=fsdp2", "devices=2", "steps=2", f"grpo.micro_batch_tokens={BUDGET}")
 
+    counts = [[r["micro_batches"] for r in records(sharded, rank) if "step" in r] for rank in (0, 1)]
+    assert counts[0] != counts[1], counts  # some step had one rank run empty micro-batches
     ends = [records(sharded, rank)[-1] for rank in (0, 1)]
     _, _, policy = load_checkpoint_policy(sharded / "checkpoints" / "last.ckpt")  # the consolidated file rebuilds it
     saved = digest(dict(policy.named_parameters()))

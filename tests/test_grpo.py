@@ -167,3 +167,39 @@ def test_micro_batches_sum_to_the_mini_batch_loss(mode):
 def test_aggregate_rejects_unknown_mode():
     with pytest.raises(ValueError, match="token-mean"):
         grpo.aggregate(VALUES, MASK, "sum")
+
+
+def test_padded_tokens_by_hand():
+    # rows 0 and 2 (prompt + response 3 and 7 tokens): both laid out 7 wide -> 14; no rows -> 0
+    assert grpo.padded_tokens([3, 9, 7], [0, 2]) == 14
+    assert grpo.padded_tokens([3, 9, 7], []) == 0
+
+
+def test_token_budget_micro_batches_by_hand():
+    # Longest first: 10 (row 1), 9 (3), 4 (2), 3 (0), 2 (4). Budget 20: rows 1 and 3 fill 2 x 10 = 20
+    # (19 useful: 5% padding, at the bound); row 2 would make 3 x 10 = 30 > 20. Then 2 x 4 = 8 padded
+    # for 4 + 3 = 7 useful is 12.5% padding, over 5%: rows 2, 0 and 4 go alone.
+    lengths = [3, 10, 4, 9, 2]
+    assert grpo.token_budget_micro_batches(lengths, 20) == [[1, 3], [2], [0], [4]]
+    # Allowing half padding: rows 2, 0, 4 share 3 x 4 = 12 tokens for 9 useful (25%).
+    assert grpo.token_budget_micro_batches(lengths, 20, max_padding=0.5) == [[1, 3], [2, 0, 4]]
+    # A row over the budget goes alone, and the rest are still packed.
+    assert grpo.token_budget_micro_batches([30, 5, 5], 20) == [[0], [1, 2]]
+    # Equal lengths: as many rows as fit, in index order.
+    assert grpo.token_budget_micro_batches([4] * 5, 8) == [[0, 1], [2, 3], [4]]
+
+
+def test_token_budget_micro_batches_stay_within_the_budget_and_the_padding_bound():
+    generator = torch.Generator().manual_seed(0)
+    for budget in (1, 50, 300, 2000):
+        lengths = (torch.empty(200).exponential_(1 / 60.0, generator=generator) + 1).long().tolist()  # long-tailed
+        batches = grpo.token_budget_micro_batches(lengths, budget)
+        assert sorted(i for rows in batches for i in rows) == list(range(200))  # each row exactly once
+        for rows in batches:
+            assert len(rows) == 1 or grpo.padded_tokens(lengths, rows) <= budget, (budget, rows)
+            assert sum(lengths[i] for i in rows) >= 0.95 * grpo.padded_tokens(lengths, rows), (budget, rows)
+
+
+def test_config_rejects_a_non_positive_token_budget():
+    with pytest.raises(ValueError, match="grpo.micro_batch_tokens=0"):
+        grpo.GRPOConfig(micro_batch_tokens=0)

@@ -4,6 +4,7 @@ import copy
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -13,6 +14,7 @@ from callbacks.rollout import RolloutCallback
 from rlvr.data import PromptDataModule, load_examples
 from rlvr.engine import Generation, HFEngine, SamplingParams
 from rlvr.models import ModelSpec, load_model, tiny_tokenizer
+from rlvr import grpo
 from rlvr.grpo import GRPOConfig
 from rlvr.module import GRPOModule
 from rlvr.rewards import RewardBatch
@@ -90,6 +92,74 @@ def test_micro_batching_gives_the_full_batch_gradient(tokenizer, loss_agg):
     split = _one_step_grad(tokenizer, 1, loss_agg)
     assert whole.abs().sum() > 0
     assert torch.allclose(whole, split, atol=1e-6)
+
+
+class OneProcess:
+    """What GRPOModule.training_step asks of a Lightning trainer, in one process."""
+
+    world_size = 1
+
+    class strategy:  # noqa: N801
+        reduce = staticmethod(lambda tensor, reduce_op=None: tensor)
+        reduce_boolean_decision = staticmethod(lambda decision, all=True: decision)  # noqa: A002
+
+
+def _one_update(tokenizer, rollout, **config):
+    """One training_step (one update) of a fresh tiny policy -> (what it logged, the gradient it stepped with)."""
+    policy = make_policy(tokenizer)
+    module = GRPOModule(policy, GRPOConfig(n=4, kl_coef=0.01, max_new_tokens=12, **config), batch_size=2)
+    module._trainer = OneProcess()
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+    stepped = []
+    optimizer.step = lambda: stepped.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+    module.optimizers = lambda: optimizer
+    module.lr_schedulers = lambda: SimpleNamespace(step=lambda: None, get_last_lr=lambda: [0.0])
+    module.manual_backward = lambda loss: loss.backward()
+    logged = {}
+    module.log = lambda key, value, **kwargs: logged.__setitem__(key, value)  # reward/* are torchmetrics
+    module.training_step({"rollout": copy.deepcopy(rollout), "step": 0}, 0)
+    (gradient,) = stepped
+    return module, logged, gradient
+
+
+@pytest.fixture(scope="module")
+def uneven_rollout(tokenizer):
+    """2 prompts (3 and 6 tokens) x 4 samples of 2 to 12 tokens, rows of 8 to 15 tokens in all, each length
+    once in each group: micro-batches by length mix the groups."""
+    prompts = [[10, 11, 12], [13, 14, 15, 16, 17, 18]]
+    lengths = [9, 12, 5, 6, 6, 9, 2, 3]
+    completions = [[20 + (row + t) % 50 for t in range(n)] for row, n in enumerate(lengths)]
+    return pack_rollout(prompts, generated(completions), 4, tokenizer.pad_token_id, [tokenizer.eos_token_id],
+                        rewards_for([1, 0, 0, 1, 0, 0, 1, 1]))
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_token_budget_micro_batches_give_the_fixed_row_loss_and_gradient(tokenizer, uneven_rollout, loss_agg):
+    """The same rollout cut into 4 rows per micro-batch, or by a budget of 24 tokens (rows sorted by
+    length, groups mixed): the same loss and gradient, to float rounding (fp32)."""
+    _, fixed, fixed_grad = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, loss_agg=loss_agg)
+    module, budget, budget_grad = _one_update(tokenizer, uneven_rollout, micro_batch_tokens=24, loss_agg=loss_agg)
+    micro = module._micro_batches(uneven_rollout, 0, 8)
+    assert [r.tolist() for r in micro] == [[1], [5], [0, 4], [3, 7], [2, 6]]  # 15, 15, 2 x 12, 2 x 9, 2 x 8 tokens
+    lengths = uneven_rollout.attention_mask.sum(dim=1).tolist()
+    assert all(len(r) == 1 or grpo.padded_tokens(lengths, r.tolist()) <= 24 for r in micro)
+    assert fixed_grad.norm() > 0
+    for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/kl", "train/entropy"):
+        assert budget[key] == pytest.approx(fixed[key], rel=1e-5), key
+    assert torch.allclose(budget_grad, fixed_grad, rtol=1e-5, atol=1e-7)
+    assert budget["train/padding_frac"] < fixed["train/padding_frac"]
+    assert budget["train/update_tokens_per_s"] > 0
+
+
+def test_an_empty_micro_batch_adds_nothing(tokenizer, uneven_rollout):
+    """What a rank with fewer micro-batches runs to match the others' collectives: a forward and a
+    backward whose loss and gradient are zero."""
+    module, _, _ = _one_update(tokenizer, uneven_rollout, micro_batch_size=4)
+    module.policy.zero_grad(set_to_none=False)
+    advantages = torch.ones(8)
+    stats = module._micro_step(uneven_rollout, torch.zeros(0, dtype=torch.long), advantages, None, None, 10.0, 8.0)
+    assert stats["loss"] == 0.0 and stats["entropy"] == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in module.policy.parameters())
 
 
 def test_hf_engine_is_seeded_and_takes_weights(tokenizer):
