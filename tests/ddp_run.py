@@ -4,11 +4,11 @@ a response), recording what each rank saw (tests/test_distributed.py drives this
     python tests/ddp_run.py RECORD_DIR key=value ...
 
 Each rank appends its rollouts' rewards, prompts and micro-batch count (before evening out) per step
-to RECORD_DIR/rank-R.jsonl and, at the end, digests of its policy's full weights (gathered under FSDP2) and of its engine's weights.
-Lightning's launcher starts the other ranks with this same command; `trainer.strategy=fsdp2` shards
-the tiny model (a Qwen2 too) as the h100x8 profile does. With DDP_RUN_TIED_AFTER_FIRST=1 every step
-after the first gets rewards that all tie (no signal), and each step's record carries digests of the
-weights and of the optimizer state.
+to RECORD_DIR/rank-R.jsonl and, at the end, digests of its policy's full weights (gathered under
+FSDP2) and of its engine's weights. Lightning's launcher starts the other ranks with this same
+command; `trainer.strategy=fsdp2` shards the tiny model (a Qwen2 too) as the h100x8 profile does.
+With DDP_RUN_TIED_AFTER_FIRST=1 every step after the first gets rewards that all tie (no signal), and
+each step's record carries digests of the weights and of the optimizer state.
 """
 
 import hashlib
