@@ -330,6 +330,7 @@ class _WorkerContext(mp.context.SpawnContext):
 
 
 WORKER_CONTEXT = _WorkerContext()
+STARTUP_S = 300.0  # the longest a new pool is waited for before its first batch; past it, the batch goes on
 
 
 class RewardScorer:
@@ -358,9 +359,12 @@ class RewardScorer:
         return {**self.__dict__, "_pool": None}
 
     def _get_pool(self) -> ProcessPoolExecutor:
+        """The pool, started and waited for: the stall watchdog below must not count a worker's
+        start-up (imports, seconds alone, minutes on a loaded machine) as a stuck verification."""
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, WORKER_CONTEXT, initializer=_worker_init,
                                              initargs=(os.getpid(),))
+            wait([self._pool.submit(os.getpid) for _ in range(self.workers)], timeout=STARTUP_S)
         return self._pool
 
     def close(self) -> None:
