@@ -212,7 +212,7 @@ REFLECTIONS = [  # (text, the verdict a careful reader takes from it)
     ("I thought it was wrong, but it is correct.", True),
     ("At first it seemed right, but actually it is wrong.", False),
     ("It seemed wrong at first. After rechecking, it is correct.", True),
-    ("I thought it was correct.", True),  # alone, it still counts
+    ("I thought it was correct.", None),  # alone, a belief it had is no verdict on the answer now
     ("First, I check the sum: it is correct.", True),  # "first" in a sequence of steps
     # the true value named is no verdict; matching it is
     ("My solution is incorrect; the correct answer is 7.", False),
