@@ -86,6 +86,8 @@ NOT_VERDICTS = re.compile(  # mathematical and idiomatic uses of verdict words
     # "the correct answer is 7" names the true value; it is no verdict on the model's own answer
     r"|\b(?:the )?(?:correct|right) (?:answer|value|result|solution|number|total|sum|product)s?(?=\s*(?:is|are|was|should|would|=|:))"
 )
+CONTRACTIONS = ((re.compile(r"\bcan't\b|\bcannot\b"), "can not"), (re.compile(r"\bwon't\b"), "will not"),
+                (re.compile(r"n't\b"), " not"), (re.compile(r"\bfar from\b"), "not"))
 PHRASES = ((re.compile(r"\b(?:as|so) long as\b|\bin case\b|\bin the event\b"), "if"),
            (re.compile(r"(?:^|(?<=[.!?\n]))\s*(?:right|ok|okay|alright|sure)\s*,(?=\s*[a-z])"), " "),  # "Right, let me check"
            (re.compile(r"\b(?:official|given|reference|book's|textbook's|provided|expected|model|key's) (?:answer|solution)s?\b"),
@@ -101,8 +103,6 @@ PHRASES = ((re.compile(r"\b(?:as|so) long as\b|\bin case\b|\bin the event\b"), "
            (re.compile(r"\bconfidence\b|\bcertainty\b"), " qualm "),  # "Confidence: medium"
            (re.compile(r"\bon the fence\b"), "unsure"), (re.compile(r"\bnot only\b"), " "),
            (re.compile(r"\d+\s*%|\bpercent\b"), " qualm "),
-           (re.compile(r"\bcan't\b|\bcannot\b"), "can not"), (re.compile(r"\bwon't\b"), "will not"),
-           (re.compile(r"n't\b"), " not"), (re.compile(r"\bfar from\b"), "not"),
            (re.compile(r"\bcould not (find|see|spot|detect|locate|identify)\b"), r"did not \1"),
            (re.compile(r"\bcould not be (?:any )?more\b"), "is"),  # "it couldn't be more correct"
            (re.compile(r"\bwho knows\b|\bhard to say\b|\bnot clear\b"), " qualm "),
@@ -169,6 +169,10 @@ EITHER = re.compile(rf"\b(?:{'|'.join(sorted(VERDICT_WORDS - {KEYWORD.lower()}))
 ADJECTIVES = frozenset({"correct", "right", "accurate", "valid", "flawless", "wrong", "incorrect", "erroneous",
                         "inaccurate", "invalid", "flawed", "consistent", "inconsistent"} | DOUBTFUL)
 PREPOSITIONS = frozenset({"in", "at", "on", "of", "with", "for", "to", "by", "from", "about", "and", "or"})
+RIGHT_AFTER = frozenset({"is", "s", "was", "be", "been", "are", "were", "am", "m", "re", "looks", "look", "seems", "seem",
+                         "it", "quite", "exactly", "absolutely", "totally", "completely", "definitely", "entirely",
+                         "all", "that", "not", "never", "the", "got", "get", "yes", "actually", "indeed", "clearly",
+                         "obviously", "also", "still", "now", "just", "perfectly", "certainly", "surely"})
 CORRECT_AS_VERB_AFTER = frozenset({"to", "me", "must", "should", "will", "can", "let", "we", "i", "and", "you"})
 FIXED = frozenset({"fixed", "corrected", "resolved", "repaired", "fix"})
 SUPERSEDED = frozenset({"thought", "seemed", "initially", "originally", "appeared", "assumed", "feared",
@@ -295,6 +299,9 @@ def _clause_verdict(words: list[str], before: list[str], fixed: bool, elsewhere:
         elif word in AFFIRM or word in DENY:
             if word == "correct" and i > 0 and words[i - 1] in CORRECT_AS_VERB_AFTER:
                 continue  # "let me correct it": a verb, not a verdict
+            if word == "right" and len(words) > 1 and not (
+                    i > 0 and words[i - 1] in RIGHT_AFTER or words[i + 1 : i + 2] and words[i + 1] in ANSWER_NOUNS):
+                continue  # "turn right", "right away": only "is right", "the right answer" or "Right." alone
             if fixed and word in DENY:
                 continue  # "I found an error and fixed it": not a verdict on the final answer
             says_correct = (word in AFFIRM) == (negations % 2 == 0)
@@ -399,6 +406,7 @@ def reflection_verdict(text: str, instruction: str = DEFAULT_INSTRUCTION) -> boo
 
 
 def _phrases(text: str) -> str:
-    for pattern, replacement in PHRASES:
+    """Contractions spelled out, then the phrases the grammar reads as one word."""
+    for pattern, replacement in CONTRACTIONS + PHRASES:
         text = pattern.sub(replacement, text)
     return text

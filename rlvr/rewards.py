@@ -120,9 +120,11 @@ def reflect_signal(response: str, verify: float, instruction: str = DEFAULT_INST
     """1.0 when the reflection gives a clear verdict (rlvr.reflection; `instruction` is the prompt's)
     that agrees with verify, else 0.0. No answer, no reflect: 0.0 when the graded box is missing or
     blank, so "Verdict: wrong" after an empty box earns nothing."""
-    boxed = answer_box(response)
     text = reflection_text(response)
-    if boxed is None or is_blank(boxed) or text is None:
+    if text is None:
+        return 0.0
+    boxed = answer_box(response)
+    if boxed is None or is_blank(boxed):
         return 0.0
     verdict = reflection_verdict(text, instruction)
     if verdict is None:

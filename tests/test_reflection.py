@@ -180,7 +180,7 @@ def agreement(rows: list[dict]) -> tuple[int, int, int]:
     return agree, false_rewards, 2 * len(rows)
 
 
-@pytest.mark.parametrize(("name", "floor"), [("tune", 0.95), ("heldout", 0.93)])
+@pytest.mark.parametrize(("name", "floor"), [("tune", 0.96), ("heldout", 0.96)])
 def test_the_judged_sentences_earn_no_false_reward(name, floor):
     rows = judged(name)
     assert len(rows) >= 150 and {r["verdict"] for r in rows} == set(VERDICTS)
