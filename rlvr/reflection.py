@@ -74,7 +74,7 @@ APOSTROPHES = re.compile(r"[’‘`´ʼ′]")
 EMPHASIS = re.compile(r"[*_#>~]+")
 OPTION_WORDS = "|".join(OPTIONS)
 # A verdict line: the keyword, a separator, then the rest of the line.
-VERDICT_LINE = re.compile(rf"(?:^|(?<=[.!?;])\s+)\s*{KEYWORD.lower()}\s*[:=\-–—]\s*(.*?)\s*$")
+VERDICT_LINE = re.compile(rf"(?:^|(?<=[.!?;])\s+)\s*(?:(?:so|my|the|final|overall)\s+){{0,2}}{KEYWORD.lower()}\s*[:=\-–—]\s*(.*?)\s*$")
 CLEAN_VALUE = re.compile(rf"^({OPTION_WORDS})\.?$")
 QUOTED = re.compile(r"[\"“”«»„]|(?:^|(?<=[\s(\[]))'[^'\n]*'(?=$|[\s.,;:!?)\]])")
 NOT_VERDICTS = re.compile(  # mathematical and idiomatic uses of verdict words
@@ -87,7 +87,7 @@ NOT_VERDICTS = re.compile(  # mathematical and idiomatic uses of verdict words
     r"|\b(?:the )?(?:correct|right) (?:answer|value|result|solution|number|total|sum|product)s?(?=\s*(?:is|are|was|should|would|=|:))"
 )
 CONTRACTIONS = ((re.compile(r"\bcan't\b|\bcannot\b"), "can not"), (re.compile(r"\bwon't\b"), "will not"),
-                (re.compile(r"n't\b"), " not"), (re.compile(r"\bfar from\b"), "not"))
+                (re.compile(r"n't\b"), " not"), (re.compile(r"\bfar from\b|\banything but\b"), "not"))
 PHRASES = ((re.compile(r"\b(?:as|so) long as\b|\bin case\b|\bin the event\b"), "if"),
            (re.compile(r"(?:^|(?<=[.!?\n]))\s*(?:right|ok|okay|alright|sure)\s*,(?=\s*[a-z])"), " "),  # "Right, let me check"
            (re.compile(r"\b(?:official|given|reference|book's|textbook's|provided|expected|model|key's) (?:answer|solution)s?\b"),
@@ -95,6 +95,11 @@ PHRASES = ((re.compile(r"\b(?:as|so) long as\b|\bin case\b|\bin the event\b"), "
            (re.compile(r"\ba little doubt\b"), "doubt"),
            (re.compile(r"\blittle doubt\b|\bbeyond (?:any |a |all )?doubts?\b"), "no doubt"),
            (re.compile(r"\bwith (?:certainty|confidence)\b"), "surely"),
+           (re.compile(r"\b(?:error|mistake|fault)s?[- ]free\b"), "correct"),
+           (re.compile(r"\b(?:other|another|alternative|alternate|previous|first|earlier|initial|original) (?:answer|solution|result)s?\b"),
+            " reference "),  # not the answer it gives
+           (re.compile(r"\bin the case (?:where|that|of)\b"), "if"),
+           (re.compile(r"\bfamous last words\b|\bgive or take\b|\b(?:oh|yeah),? (?:sure|right)\b|\bas if\b"), " qualm "),
            (re.compile(r"\bat first\b"), "initially"), (re.compile(r"\bor so\b|\bnever mind\b|\bscratch that\b"), " qualm "),
            (re.compile(r"\b(?:answer|solution)s? (?:to|of|for) (?:the |this |that )?(?:question|problem)\b"), "answer"),
            (re.compile(r"\b(?:no|any) (?:problems?|issues?)\b"), r" no errors "),
@@ -125,13 +130,14 @@ DENY = frozenset({"wrong", "incorrect", "mistake", "mistakes", "mistaken", "erro
                   "mistakenly", "erroneously", "inaccurately", "mismatch", "inconsistent", "disagrees"})
 CERTAIN = frozenset({"sure", "certain", "confident", "convinced", "surely", "trust"})
 UNCERTAIN = frozenset({"unsure", "uncertain", "doubt", "doubts", "doubtful", "unconvinced"})
-NEGATORS = frozenset({"not", "no", "never", "none", "nothing", "nobody", "without", "hardly", "scarcely"})
+NEGATORS = frozenset({"not", "no", "never", "none", "nothing", "nobody", "without", "hardly", "scarcely", "unlikely"})
 HEDGES = frozenset({"may", "might", "could", "should", "possibly", "perhaps", "maybe", "probably", "likely"})
 # After a negation, an inserted clause ("I do not, having checked, think ...") or a frame that is no verdict
 # ("I am not saying it is wrong"): no verdict.
 INSERTIONS = frozenset({"after", "having", "despite", "given", "even", "as", "on", "in", "for", "with", "upon", "once",
                         "honestly", "frankly", "really", "truly", "considering", "being", "though", "although",
-                        "saying", "say", "claiming", "claim", "suggesting", "implying", "arguing", "asserting"})
+                        "saying", "say", "claiming", "claim", "suggesting", "implying", "arguing", "asserting",
+                        "that"})
 INVERTED = frozenset({"had", "were", "should"})  # "Had I erred, ...", "Should the units be hours, ...": a condition
 # Doubt that denies alone ("I'm skeptical of this result"); negated, it says nothing clear.
 DOUBTFUL = frozenset({"skeptical", "sceptical", "questionable", "dubious", "suspicious", "shaky", "iffy", "fishy",
@@ -146,7 +152,7 @@ QUALMS = frozenset({"qualm", "surprised", "surprise", "surprising", "bet", "wage
                     "allegedly", "lean", "leaning", "feeling", "bad", "low", "stake", "wait", "almost", "nearly",
                     "mostly", "largely", "roughly", "approximately", "kidding", "joking", "knows", "hmm", "except",
                     "besides", "apart", "barely", "ish", "gut", "theory", "principle", "fingers", "crossed",
-                    "retract", "disregard", "less", "presuming", "conditional", "conditionally", "neither", "nor", "odd", "strange",
+                    "retract", "disregard", "less", "wish", "presuming", "conditional", "conditionally", "neither", "nor", "odd", "strange",
                     "weird", "unsafe", "risky", "tell", "know", "unknown", "maybe", "perhaps", "possibly",
                     "probably", "likely", "might", "may", "could"})
 # A condition, an embedded question or a counterfactual: no verdict at all.
@@ -171,9 +177,11 @@ ADJECTIVES = frozenset({"correct", "right", "accurate", "valid", "flawless", "wr
 PREPOSITIONS = frozenset({"in", "at", "on", "of", "with", "for", "to", "by", "from", "about", "and", "or"})
 RIGHT_AFTER = frozenset({"is", "s", "was", "be", "been", "are", "were", "am", "m", "re", "looks", "look", "seems", "seem",
                          "it", "quite", "exactly", "absolutely", "totally", "completely", "definitely", "entirely",
-                         "all", "that", "not", "never", "the", "got", "get", "yes", "actually", "indeed", "clearly",
+                         "all", "that", "not", "never", "got", "get", "yes", "actually", "indeed", "clearly",
                          "obviously", "also", "still", "now", "just", "perfectly", "certainly", "surely"})
-CORRECT_AS_VERB_AFTER = frozenset({"to", "me", "must", "should", "will", "can", "let", "we", "i", "and", "you"})
+CORRECT_AS_VERB_AFTER = frozenset({"to", "me", "must", "should", "will", "can", "let", "we", "i", "and", "you", "ll",
+                                   "d", "please", "shall", "need", "try", "could", "would", "might"})
+CORRECT_AS_VERB_BEFORE = frozenset({"it", "this", "that", "the", "my", "myself", "them", "these", "those", "for"})
 FIXED = frozenset({"fixed", "corrected", "resolved", "repaired", "fix"})
 SUPERSEDED = frozenset({"thought", "seemed", "initially", "originally", "appeared", "assumed", "feared",
                         "suspected"})  # a belief the reflection reports having had
@@ -297,8 +305,9 @@ def _clause_verdict(words: list[str], before: list[str], fixed: bool, elsewhere:
                 raise _Unreadable  # "not unreliable": no clear verdict
             (elsewhere if _about_something_else(before + words[:i], words[i + 1 :]) else verdicts).append(False)
         elif word in AFFIRM or word in DENY:
-            if word == "correct" and i > 0 and words[i - 1] in CORRECT_AS_VERB_AFTER:
-                continue  # "let me correct it": a verb, not a verdict
+            if word == "correct" and (i > 0 and words[i - 1] in CORRECT_AS_VERB_AFTER
+                                      or words[i + 1 : i + 2] and words[i + 1] in CORRECT_AS_VERB_BEFORE):
+                continue  # "let me correct it", "correct the sum": a verb, not a verdict
             if word == "right" and len(words) > 1 and not (
                     i > 0 and words[i - 1] in RIGHT_AFTER or words[i + 1 : i + 2] and words[i + 1] in ANSWER_NOUNS):
                 continue  # "turn right", "right away": only "is right", "the right answer" or "Right." alone
@@ -356,9 +365,11 @@ def _free_text_verdict(text: str) -> bool | None:
         if not TOKEN.findall(sentence):
             continue
         if question != "none":  # the previous sentence asked; does this one answer yes or no?
-            first = TOKEN.findall(sentence)[:1]
-            if question is None or first not in (["yes"], ["no"]):
-                raise _Unreadable  # a question left unanswered
+            tokens = TOKEN.findall(sentence)
+            first = tokens[:1]
+            if question is None or first not in (["yes"], ["no"]) or tokens[1:2] and tokens[1].isalpha() \
+                    or {"yes", "no"} <= set(tokens):
+                raise _Unreadable  # a question left unanswered, or answered "no doubt", "yes and no"
             found.append((question if first == ["yes"] else not question, False))
             sentence = sentence.split(first[0], 1)[1]
         asked = [(v, earlier) for v, earlier in _sentence_verdicts(sentence, elsewhere) if v is not None]
@@ -399,6 +410,8 @@ def reflection_verdict(text: str, instruction: str = DEFAULT_INSTRUCTION) -> boo
     explicit = explicit_verdict(lines)
     if explicit is not None:
         return None if explicit == "none" else explicit
+    if KEYWORD.lower() in TOKEN.findall(text):
+        return None  # the keyword, but no verdict line: "the instructions want me to say verdict: correct"
     try:
         return _free_text_verdict(NOT_VERDICTS.sub(" ", _phrases(text)))
     except _Unreadable:

@@ -136,6 +136,13 @@ FREE_TEXT = [  # (reflection, the verdict a careful grader takes from it)
     ("Almost correct.", None), ("Probably right.", None), ("I'm 50% sure it is right.", None),
     ("Everything is right except the final sum.", None), ("I hope it is correct.", None),
     ("I believe it's correct, though not with certainty.", None),
+    # idioms, verbs and someone else's answer
+    ("It's anything but correct.", False), ("My answer is error-free.", True), ("Oh sure, it's totally correct.", None),
+    ("I'll correct the sum.", None), ("Correct the answer to 17.", None), ("The other answer is wrong.", None),
+    ("The book's answer is wrong.", None), ("I used the right numbers.", None), ("This is a valid approach.", None),
+    ("Is it right? No doubt.", None), ("Is it right? Yes and no.", None), ("Is it wrong? No, it's correct.", True),
+    ("The instructions want me to say verdict: correct", None), ("My verdict: correct", True),
+    ("I thought it was wrong, but it is correct.", True), ("I thought it was correct.", None),
     # not verdicts at all
     ("Right, let me check again.", None), ("The triangle has a right angle.", None), ("Let me correct that.", None),
     ("The correct answer is 7.", None), ("Correct answer: 18", None), ("Hmm.", None), ("Yes.", None),
