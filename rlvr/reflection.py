@@ -7,11 +7,12 @@ RL looks for any wording that scores, so the reading fails closed: a false rewar
 to say what is not so, a missed one only costs it some reward.
 
 1. The contract. The last non-blank line `Verdict: correct` or `Verdict: wrong` decides (case,
-   markdown emphasis, a trailing period, `:`/`-`/`=` and `right` / `incorrect` tolerated). No
-   verdict: a verdict line naming both options ("Verdict: correct or wrong", the short instruction's
-   own words), verdict lines that disagree, a verdict line with anything else on it ("Verdict:
-   maybe correct"), a verdict in quotation marks, a verdict line under a condition, and a reflection
-   that repeats the instruction (a run of 8 of its words, or most of the reflection in its 4-grams).
+   markdown emphasis, a trailing period, `:`/`-`/`=`, a "My"/"Final" before it, and `right` /
+   `incorrect` tolerated). No verdict: a verdict line naming both options ("Verdict: correct or
+   wrong", the short instruction's own words), verdict lines that disagree, a verdict line with
+   anything else on it ("Verdict: maybe correct") or text after it, a verdict in quotation marks, a
+   verdict line under a condition, the keyword anywhere else, and a reflection that repeats the
+   instruction (8 of its words in a row, or half of a longer reflection in its 5-grams).
 2. Free text, without a verdict line: affirm or deny only when every verdict read agrees, and only
    within a small grammar (a rule set, not a model: it is fast, it runs beside the reward workers,
    and every rule has a test on literal strings):
@@ -27,10 +28,11 @@ to say what is not so, a missed one only costs it some reward.
      verb by an inserted clause ("I do not, having checked, think it holds").
    - A verdict about something else (the question, the problem, the method, a step) is not about the
      answer; the subject is the nearest noun before the verdict word in its sentence. Mathematical
-     uses are not verdicts: a right angle, the error function, "the correct answer is 7" (the true
-     value, named), "let me correct it" (a verb), an error the sentence says was fixed.
+     uses are not verdicts: a right angle, "turn right" ("right" counts only as a predicate, before
+     "answer" or alone), the error function, "the correct answer is 7" (the true value, named), "let
+     me correct it" (a verb), an error the sentence says was fixed, someone else's answer.
    - A belief it reports having had ("I thought it was wrong, but it is correct") gives way to what
-     it says now. A bare "correct" or "wrong", alone, is a clear verdict.
+     it says now, and alone is no verdict. A bare "correct" or "wrong", alone, is a clear verdict.
 """
 
 from __future__ import annotations

@@ -418,7 +418,8 @@ def score_batch(
     weights: Sequence[float] = DEFAULT_WEIGHTS,
     timeout: float = 5.0,
     workers: int | None = None,
+    instruction: str = DEFAULT_INSTRUCTION,
 ) -> RewardBatch:
     """Score many responses in parallel with a one-off pool (long runs keep a RewardScorer)."""
-    with RewardScorer(weights, timeout, workers) as scorer:
+    with RewardScorer(weights, timeout, workers, instruction=instruction) as scorer:
         return scorer(responses, ground_truths)
