@@ -112,7 +112,7 @@ def main() -> None:
     began = time.perf_counter()
     spec = ModelSpec.from_config(cfg.model)
     tokenizer = load_tokenizer(spec)
-    with RewardScorer(timeout=cfg.reward.timeout, workers=0) as scorer:
+    with RewardScorer(timeout=cfg.reward.timeout, workers=0, instruction=INSTRUCTION) as scorer:
         before = accuracy(load_model(spec, tokenizer), tokenizer, problems, cfg, scorer)
         evaluated = time.perf_counter()
         train(cfg)

@@ -47,9 +47,17 @@ def last_boxed(text: str) -> str | None:
 
 def answer_box(response: str) -> str | None:
     """The box verify grades: the last before `<reflection>`, or the last of all without one. A box
-    inside the reflection ("actually it is \\boxed{7}") neither overrides nor erases the answer."""
+    inside the reflection ("actually it is \\boxed{7}") neither overrides nor erases the answer, and
+    never counts; when no box precedes the reflection, the last box after `</reflection>` is the only
+    answer given, and counts (format scores its placement 0)."""
     cut = response.find("<reflection>")
-    return last_boxed(response if cut == -1 else response[:cut])
+    if cut == -1:
+        return last_boxed(response)
+    before = last_boxed(response[:cut])
+    if before is not None:
+        return before
+    end = response.find("</reflection>", cut)
+    return None if end == -1 else last_boxed(response[end + len("</reflection>") :])
 
 
 def ground_truth_answer(ground_truth: str) -> str:

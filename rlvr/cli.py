@@ -29,6 +29,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlvr import reflection
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -39,6 +41,7 @@ def shared_folder() -> Path:
 
 
 OmegaConf.register_new_resolver("shared", lambda relative="": str(shared_folder() / relative), replace=True)
+OmegaConf.register_new_resolver("instruction", reflection.instruction, replace=True)  # rlvr.reflection's
 GROUPS = ("model", "data", "mode", "gpu", "logger", "experiment")
 NOISE = ("litlogger", "GPU available:", "TPU available:", "HPU available:", "LeafSpec")
 

@@ -25,15 +25,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from rlvr.cli import UserError
+from rlvr.reflection import DEFAULT_INSTRUCTION  # the instruction and the verdict parser are one definition
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step by step."
-DEFAULT_INSTRUCTION = (
-    "Think step by step inside <think>...</think>. Then give the final answer in \\boxed{}. "
-    "Finally, inside <reflection>...</reflection>, say whether you are confident that your answer is "
-    "correct or that it may be wrong, and end it with \"Verdict: correct\" or \"Verdict: wrong\"."
-)
+
 
 
 @dataclass(frozen=True)

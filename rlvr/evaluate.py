@@ -219,7 +219,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output.parent.mkdir(parents=True, exist_ok=True)
 
     results, samples = [], []
-    with RewardScorer(timeout=cfg.reward.timeout, workers=cfg.reward.workers) as scorer:
+    with RewardScorer(timeout=cfg.reward.timeout, workers=cfg.reward.workers, instruction=cfg.prompt.instruction) as scorer:
         for name, examples in benchmarks.items():
             params = SamplingParams(per_benchmark_k.get(name, cfg.samples), cfg.sampling.temperature,
                                     cfg.sampling.top_p, cfg.sampling.max_new_tokens)

@@ -38,7 +38,7 @@ from functools import lru_cache
 import torch
 
 from rlvr.answers import answer_box, ground_truth_answer, last_boxed, normalize, too_costly, value_part
-from rlvr.reflection import reflection_verdict
+from rlvr.reflection import DEFAULT_INSTRUCTION, reflection_verdict
 
 DEFAULT_WEIGHTS = (1.0, 0.5, 0.5)
 SIGNALS = ("verify", "format", "reflect")
@@ -74,8 +74,8 @@ def verify_answer(predicted: str, ground_truth: str) -> bool:
 
 
 def verify_signal(response: str, ground_truth: str) -> float:
-    """1.0 when the answer box (the last before <reflection>) equals the ground truth, else 0.0
-    (no time limit here)."""
+    """1.0 when the answer box (rlvr.answers.answer_box) equals the ground truth, else 0.0 (no time
+    limit here)."""
     boxed = answer_box(response)
     if boxed is None or is_blank(boxed):
         return 0.0
@@ -126,10 +126,17 @@ def reflection_text(response: str) -> str | None:
     return response[start + len("<reflection>") : end]
 
 
-def reflect_signal(response: str, verify: float) -> float:
-    """1.0 when the reflection's verdict is unambiguous and agrees with verify, else 0.0."""
+def reflect_signal(response: str, verify: float, instruction: str = DEFAULT_INSTRUCTION) -> float:
+    """1.0 when the reflection gives a clear verdict (rlvr.reflection; `instruction` is the prompt's)
+    that agrees with verify, else 0.0. No answer, no reflect: 0.0 when the graded box is missing or
+    blank, so "Verdict: wrong" after an empty box earns nothing."""
     text = reflection_text(response)
-    verdict = None if text is None else reflection_verdict(text)
+    if text is None:
+        return 0.0
+    boxed = answer_box(response)
+    if boxed is None or is_blank(boxed):
+        return 0.0
+    verdict = reflection_verdict(text, instruction)
     if verdict is None:
         return 0.0
     return 1.0 if verdict == (verify == 1.0) else 0.0
@@ -146,12 +153,13 @@ def combine(verify: float, fmt: float, reflect: float, weights: Sequence[float])
 
 
 def score(response: str, ground_truth: str, weights: Sequence[float] = DEFAULT_WEIGHTS,
-          timeout: float | None = 5.0) -> dict[str, float]:
+          timeout: float | None = 5.0, instruction: str = DEFAULT_INSTRUCTION) -> dict[str, float]:
     """All signals and the weighted total for one response. Verification gets `timeout` seconds
-    (reward.timeout's default; None: unbounded) and scores 0 past it, so no input hangs it."""
+    (reward.timeout's default; None: unbounded) and scores 0 past it, so no input hangs it;
+    `instruction` is the prompt's (a reflection that repeats it gives no verdict)."""
     verify, _ = verify_bounded(response, ground_truth, timeout)
     fmt = format_signal(response)
-    reflect = reflect_signal(response, verify)
+    reflect = reflect_signal(response, verify, instruction)
     return {"verify": verify, "format": fmt, "reflect": reflect, "total": combine(verify, fmt, reflect, weights)}
 
 
@@ -338,6 +346,7 @@ class RewardScorer:
 
     workers=0 verifies in this process (the time limit then needs the main thread); otherwise a
     pool of `workers` spawned processes (default: the machine's cores) does the verification.
+    `instruction` is the prompt's, for the reflect signal (rlvr.reflection).
     """
 
     def __init__(
@@ -346,8 +355,10 @@ class RewardScorer:
         timeout: float = 5.0,
         workers: int | None = None,
         chunk_size: int = 2,
+        instruction: str = DEFAULT_INSTRUCTION,
     ) -> None:
         self.weights = tuple(float(w) for w in weights)
+        self.instruction = instruction
         self.timeout = float(timeout)
         self.workers = (os.cpu_count() or 1) if workers is None else int(workers)
         self.chunk_size = chunk_size
@@ -430,7 +441,7 @@ class RewardScorer:
     def __call__(self, responses: Sequence[str], ground_truths: Sequence[str]) -> RewardBatch:
         verify, timeouts = self.verify_many(responses, ground_truths)
         fmt = [format_signal(r) for r in responses]
-        reflect = [reflect_signal(r, v) for r, v in zip(responses, verify)]
+        reflect = [reflect_signal(r, v, self.instruction) for r, v in zip(responses, verify)]
         total = [combine(v, f, g, self.weights) for v, f, g in zip(verify, fmt, reflect)]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
         return RewardBatch(as_tensor(verify), as_tensor(fmt), as_tensor(reflect), as_tensor(total), timeouts)
@@ -448,7 +459,8 @@ def score_batch(
     weights: Sequence[float] = DEFAULT_WEIGHTS,
     timeout: float = 5.0,
     workers: int | None = None,
+    instruction: str = DEFAULT_INSTRUCTION,
 ) -> RewardBatch:
     """Score many responses in parallel with a one-off pool (long runs keep a RewardScorer)."""
-    with RewardScorer(weights, timeout, workers) as scorer:
+    with RewardScorer(weights, timeout, workers, instruction=instruction) as scorer:
         return scorer(responses, ground_truths)

@@ -53,13 +53,14 @@ def validation(cfg: DictConfig, engine: RolloutEngine, scorer: RewardScorer, tok
 
 
 def reward_scorer(cfg: DictConfig) -> RewardScorer:
-    """The reward module with the run's weights (a sweep sets reward.alpha/beta/gamma). By default
-    the processes of one node share its cores."""
+    """The reward module with the run's weights (a sweep sets reward.alpha/beta/gamma) and prompt
+    instruction (for the reflect signal; validation shares this scorer). By default the processes of
+    one node share its cores."""
     from rlvr.rewards import RewardScorer, weights_from_env
 
     weights = weights_from_env((cfg.reward.alpha, cfg.reward.beta, cfg.reward.gamma))
     workers = cfg.reward.workers if cfg.reward.workers is not None else max(1, (os.cpu_count() or 1) // cfg.devices)
-    return RewardScorer(weights, timeout=cfg.reward.timeout, workers=workers)
+    return RewardScorer(weights, timeout=cfg.reward.timeout, workers=workers, instruction=cfg.prompt.instruction)
 
 
 def optimized_metric(cfg: DictConfig) -> str:

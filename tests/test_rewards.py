@@ -78,6 +78,8 @@ def test_the_graded_box_is_the_one_before_the_reflection():
     assert verify_signal(with_box("7", r"Actually it is \boxed{4}."), "4") == 0.0  # ... nor override a wrong one
     assert answer_box(r"\boxed{3} no reflection, then \boxed{5}") == "5"  # without a reflection: the last box
     assert answer_box(r"<think>\boxed{2}</think> <reflection>ok</reflection>") == "2"  # the last box before it
+    assert answer_box(r"<think>x</think> <reflection>ok \boxed{1}</reflection> \boxed{5}") == "5"  # the only answer given
+    assert answer_box(r"<think>x</think> <reflection>it is \boxed{1}</reflection>") is None  # inside never counts
     assert verify_signal(r"<think>w</think> \boxed {4} <reflection>correct</reflection>", "4") == 1.0  # \boxed {4} is LaTeX
     assert last_boxed(r"\boxed  {\frac{1}{2}}") == r"\frac{1}{2}"
 
@@ -213,7 +215,7 @@ REFLECTIONS = [  # (text, the verdict a careful reader takes from it)
     ("I thought it was wrong, but it is correct.", True),
     ("At first it seemed right, but actually it is wrong.", False),
     ("It seemed wrong at first. After rechecking, it is correct.", True),
-    ("I thought it was correct.", True),  # alone, it still counts
+    ("I thought it was correct.", None),  # alone, a belief it had is no verdict on the answer now
     ("First, I check the sum: it is correct.", True),  # "first" in a sequence of steps
     # the true value named is no verdict; matching it is
     ("My solution is incorrect; the correct answer is 7.", False),
