@@ -102,7 +102,7 @@ def rollout_for(cfg: DictConfig, prompts: list[list[int]], rows: int):
     zeros = torch.zeros(groups * n)
     rewards = RewardBatch(zeros, zeros, zeros, torch.arange(groups * n, dtype=torch.float32) % 2, 0)
     try:
-        from rlvr.engine import Generation
+        from rlvr.engines.protocol import Generation
         from rlvr.rollout import pack_rollout
 
         generation = Generation(completions, [[0.0] * tokens for _ in completions])

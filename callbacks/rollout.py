@@ -15,7 +15,7 @@ import lightning as L
 from transformers import PreTrainedTokenizerBase
 
 from rlvr.distributed import policy_weights
-from rlvr.engine import RolloutEngine, SamplingParams, eos_ids, prompt_seeds
+from rlvr.engines.protocol import RolloutEngine, SamplingParams, eos_ids, prompt_seeds
 from rlvr.rewards import RewardScorer
 from rlvr.rollout import pack_rollout
 

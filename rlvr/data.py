@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from rlvr.cli import UserError
+from rlvr.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlvr.engine import HFEngine, SamplingParams
+from rlvr.engines.hf import HFEngine
+from rlvr.engines.protocol import SamplingParams
 from rlvr.models import ModelSpec, load_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

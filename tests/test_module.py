@@ -11,9 +11,10 @@ import torch
 
 from callbacks.rollout import RolloutCallback
 from rlvr.data import PromptDataModule, load_examples
-from rlvr.engine import Generation, HFEngine, SamplingParams
-from rlvr.models import ModelSpec, load_model, tiny_tokenizer
+from rlvr.engines.hf import HFEngine
+from rlvr.engines.protocol import Generation, SamplingParams
 from rlvr.grpo import GRPOConfig
+from rlvr.models import ModelSpec, load_model, tiny_tokenizer
 from rlvr.module import GRPOModule
 from rlvr.rewards import RewardBatch
 from rlvr.rollout import pack_rollout
@@ -150,7 +151,7 @@ def test_a_prompts_samples_do_not_depend_on_its_batch_or_chunking(tokenizer):
 
 def test_seeded_sampler_draws_from_the_tempered_distribution():
     """Gumbel-max per row: token frequencies match softmax(logits / T); top-p keeps only the nucleus."""
-    from rlvr.engine import SeededSampler
+    from rlvr.engines.hf import SeededSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     for temperature, top_p in [(1.0, 1.0), (0.5, 1.0), (1.0, 0.7)]:
@@ -164,29 +165,29 @@ def test_seeded_sampler_draws_from_the_tempered_distribution():
 
 def test_seeded_sampler_picks_the_token_where_the_cumulative_probability_passes_u(monkeypatch):
     """Inverse CDF by hand: probabilities 0.2, 0.3, 0.5 (cumulative 0.2, 0.5, 1.0)."""
-    import rlvr.engine
+    import rlvr.engines.hf
 
     logits = torch.tensor([[0.2, 0.3, 0.5]]).log()
     for u, token in [(0.1, 0), (0.25, 1), (0.49, 1), (0.51, 2), (0.999, 2)]:
-        monkeypatch.setattr(rlvr.engine, "row_uniforms", lambda keys, position, u=u: torch.tensor([u], dtype=torch.float64))
-        sampler = rlvr.engine.SeededSampler([0], temperature=1.0, top_p=1.0)
+        monkeypatch.setattr(rlvr.engines.hf, "row_uniforms", lambda keys, position, u=u: torch.tensor([u], dtype=torch.float64))
+        sampler = rlvr.engines.hf.SeededSampler([0], temperature=1.0, top_p=1.0)
         out = sampler(None, logits)
         assert int(out.argmax()) == token and out.isinf().sum() == 2, (u, token)
         assert sampler.logprobs[0].item() == pytest.approx(logits[0, token].item(), abs=1e-6)
     # top-p 0.5 keeps 0.5 and 0.3 (0.5 alone does not cover it); even u near 1 never picks the 0.2
-    monkeypatch.setattr(rlvr.engine, "row_uniforms", lambda keys, position: torch.tensor([0.9999999], dtype=torch.float64))
-    assert int(rlvr.engine.SeededSampler([0], 1.0, top_p=0.5)(None, logits).argmax()) == 2
-    monkeypatch.setattr(rlvr.engine, "row_uniforms", lambda keys, position: torch.tensor([1e-9], dtype=torch.float64))
-    assert int(rlvr.engine.SeededSampler([0], 1.0, top_p=0.5)(None, logits).argmax()) == 1
+    monkeypatch.setattr(rlvr.engines.hf, "row_uniforms", lambda keys, position: torch.tensor([0.9999999], dtype=torch.float64))
+    assert int(rlvr.engines.hf.SeededSampler([0], 1.0, top_p=0.5)(None, logits).argmax()) == 2
+    monkeypatch.setattr(rlvr.engines.hf, "row_uniforms", lambda keys, position: torch.tensor([1e-9], dtype=torch.float64))
+    assert int(rlvr.engines.hf.SeededSampler([0], 1.0, top_p=0.5)(None, logits).argmax()) == 1
 
 
 def test_row_uniforms_are_a_function_of_key_and_position():
-    from rlvr.engine import row_keys, row_uniforms
+    from rlvr.engines.hf import row_keys, row_uniforms
 
     keys = row_keys([5, 6, 5])
-    a, b = row_uniforms(keys, 0), row_uniforms(keys, 1)
+    a, b = row_uniforms(keys, torch.tensor(0)), row_uniforms(keys, torch.tensor(1))
     assert a[0] == a[2] and a[0] != a[1] and a[0] != b[0]  # same key, same position: same number
-    assert torch.equal(row_uniforms(row_keys([6]), 0), a[1:2])  # independent of the other rows
+    assert torch.equal(row_uniforms(row_keys([6]), torch.tensor(0)), a[1:2])  # independent of the other rows
     assert ((a > 0) & (a < 1)).all()
 
 

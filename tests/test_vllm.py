@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlvr import vllm_engine
-from rlvr.engine import EngineOptions, SamplingParams, make_engine
+from rlvr.engines import vllm as vllm_engine
+from rlvr.engines.factory import make_engine
+from rlvr.engines.protocol import EngineOptions, SamplingParams
 from rlvr.models import ModelSpec, tiny_model, tiny_tokenizer
 from tiny import TINY
 
@@ -94,7 +95,7 @@ def test_n_completions_per_prompt_seeded_and_independent_of_the_batch(engine_and
 def test_a_stop_token_ends_the_completion_and_is_kept(tokenizer):
     """A model with a zero final norm samples uniformly (EOS 1 in 259 per token): over 200 tokens most
     samples stop. Those end with their one EOS (truncated() is False); the rest run to the limit."""
-    from rlvr.engine import truncated
+    from rlvr.engines.protocol import truncated
 
     model = untied_tiny(tokenizer, seed=4)
     with torch.no_grad():
