@@ -193,6 +193,7 @@ class GRPOModule(L.LightningModule):
                     self.consecutive_skips = 0
                 optimizer.step()  # after a skip no parameter has a gradient, so AdamW leaves all as they are
                 scheduler.step()
+        optimizer.zero_grad(set_to_none=True)  # free the gradients now: the weight push and the next rollout need the room
         sums["logprob_gap_max"] = gap_max
         timing = dict(on_step=True, on_epoch=False, batch_size=1)
         self.log("time/logprobs_s", logprobs_done - began, **timing)  # old (several updates) and reference log-probs

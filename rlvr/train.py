@@ -150,7 +150,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
         logger=loggers,
         callbacks=[
             *(extra_callbacks or []),
-            RolloutCallback(engine, scorer, tokenizer, sampling, seed=cfg.seed),  # pushes weights; keep it first
+            RolloutCallback(engine, scorer, tokenizer, sampling, seed=cfg.seed,  # pushes weights; keep it first
+                            push_dtype=getattr(torch, engine_options.dtype)),
             *([validation(cfg, engine, scorer, tokenizer, steps)] if cfg.validation.benchmarks else []),
             *([SamplesCallback(output_dir / "samples.jsonl", cfg.samples.every, cfg.samples.count)]
               if cfg.samples.every else []),

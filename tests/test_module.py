@@ -8,6 +8,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from callbacks.rollout import RolloutCallback
 from rlvr.data import PromptDataModule, load_examples
@@ -181,6 +182,47 @@ def test_seeded_sampler_picks_the_token_where_the_cumulative_probability_passes_
     assert int(rlvr.engines.hf.SeededSampler([0], 1.0, top_p=0.5)(None, logits).argmax()) == 1
 
 
+class _RecordOps(TorchDispatchMode):
+    """Records every aten op run in its context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_samplers_per_token_work_stays_on_the_device():
+    """Inside the decoding loop no tensor is built from Python numbers (`torch.tensor(position)`:
+    aten.lift_fresh, a host-to-device copy per token on a GPU) and nothing is read back to the host
+    (aten._local_scalar_dense: .item(), float(), bool()). tests/test_gpu.py checks the same on CUDA
+    with torch's sync debug mode."""
+    from rlvr.engines.hf import SeededSampler
+
+    logits = torch.randn(6, 50)
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)]:
+        sampler = SeededSampler(range(6), temperature, top_p)
+        with _RecordOps() as recorded:
+            for _ in range(3):
+                sampler(None, logits)
+        host = {"aten.lift_fresh", "aten.lift_fresh_copy", "aten._local_scalar_dense", "aten.nonzero"}
+        assert recorded.ops and not host & set(recorded.ops), (temperature, top_p, host & set(recorded.ops))
+        assert len(sampler.logprobs) == 3
+
+
+def test_hf_engine_decodes_with_the_policy_once_lightning_has_cast_it(tokenizer):
+    """gpu=l4 (bf16-true): the engine is built while the policy is still fp32, and Lightning casts it
+    to bf16 before the first rollout; the engine then needs no bf16 copy of its own."""
+    policy = make_policy(tokenizer)
+    engine = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=torch.bfloat16)
+    policy.to(torch.bfloat16)  # what the bf16-true precision plugin does at setup
+    assert engine.model is policy
+    out = engine.generate([[1, 2, 3]], SamplingParams(n=2, temperature=1.0, max_new_tokens=4), [3])
+    assert len(out.tokens) == 2
+
+
 def test_row_uniforms_are_a_function_of_key_and_position():
     from rlvr.engines.hf import row_keys, row_uniforms
 
@@ -222,10 +264,11 @@ def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path):
 
         def load_weights(self, weights):
             events.append("push")
+            held_gradients.append(sum(p.grad is not None for p in module.policy.parameters()))
             super().load_weights(weights)
 
     engine = Engine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
-    history = []
+    history, held_gradients = [], []  # parameters holding a gradient when the weights are pushed
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -240,6 +283,8 @@ def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path):
     assert last > 0.3 and last > 5 * first, (first, last)
     # the engine sleeps between its rollout and the update, and the push after the update wakes it
     assert events == ["push"] + ["generate", "sleep", "push"] * 30
+    # the update freed its gradients before the push (they would sit beside vLLM's share otherwise)
+    assert held_gradients == [0] * 31
 
 
 def test_reference_model_is_held_only_with_kl_and_never_checkpointed(tokenizer):
