@@ -91,3 +91,25 @@ def test_fsdp2_on_two_processes_trains_as_one_and_its_checkpoint_resumes_on_one(
     assert sorted(resumed) == [0, 1, 2]
     for key in ("reward/total", "train/loss", "train/grad_norm"):
         assert resumed[2][key] == pytest.approx(reference[2][key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_sharded_weight_is_gathered_in_the_engines_dtype():
+    """FSDP2's push: each shard is cast before the gather (a bf16 engine: half the traffic); a plain
+    tensor is handed over as it is. One gloo process, a DTensor sharded over it."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from rlvr.distributed import full
+
+    plain = torch.randn(4, 3)
+    assert full(plain, torch.bfloat16) is plain
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        weight = distribute_tensor(torch.randn(4, 3), init_device_mesh("cpu", (1,)), [Shard(0)])
+        gathered = full(weight, torch.bfloat16)
+        assert gathered.dtype == torch.bfloat16 and torch.equal(gathered, weight.full_tensor().to(torch.bfloat16))
+        assert full(weight).dtype == torch.float32
+    finally:
+        dist.destroy_process_group()
