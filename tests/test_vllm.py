@@ -307,3 +307,8 @@ def test_under_ddp_each_rank_has_its_own_engine_and_two_ranks_train_as_one(tmp_p
     done = run("tests/ddp_run.py", str(tmp_path), *RUN, "devices=2", f"output_dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_steps(metrics(tmp_path), one_process, ["reward/total", "train/loss", "train/grad_norm"], rel=1e-4)
+
+
+def test_the_log_says_what_a_healthy_logprob_gap_is_on_each_device():
+    assert "below 1e-3" in vllm_engine.healthy_gap("float32", on_cpu=True)
+    assert "around 1e-2" in vllm_engine.healthy_gap("bfloat16", on_cpu=False)

