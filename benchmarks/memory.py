@@ -72,6 +72,7 @@ GIB = 2**30
 USABLE_GIB = {"l4": 22.5, "a100": 39.6, "a100x8": 79.6, "h100": 79.6, "h100x8": 79.6}
 CONTEXT_GIB = 1.0
 RANKS = {"h100x8": 8, "a100x8": 8}
+_KEEP: list = []  # every fake run's module and optimizer, alive until the process exits without teardown
 QWEN_VOCAB = dict(vocab_size=151936, bos_token_id=151643, eos_token_id=151643)
 ARCHITECTURES = {  # the published configs of the models conf/model/ names (no weights needed)
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -315,6 +316,7 @@ def measure(cfg: DictConfig, model: str, prompts: list[list[int]], cuda: bool) -
         for _ in range(2):
             one_update(cfg, module, optimizer, scheduler, rollout)
         gc.collect()
+    _KEEP.append((module, optimizer))  # destroying fake tensors inside torchao's state can crash: never destroyed
     return {"peak": tracker.peak / GIB, "held": tracker.current / GIB, **_parts(module, optimizer)}
 
 
@@ -389,6 +391,6 @@ if __name__ == "__main__":
     main()
     # Exit without the interpreter's teardown: destroying fake tensors inside torchao's quantized
     # optimizer state crashed it at exit in 3 of 8 runs on this CPU (torch 2.13, torchao 0.18),
-    # after every figure above was printed.
+    # after every figure above was printed, and once between two runs (hence _KEEP).
     sys.stderr.flush()
     os._exit(0)

@@ -188,10 +188,14 @@ class _RecordOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self.new_shapes: list[tuple[int, ...]] = []  # of the tensors each out-of-place op returns
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and not func._schema.is_mutable and not any(out is a for a in args):
+            self.new_shapes.append(tuple(out.shape))
+        return out
 
 
 def test_the_samplers_per_token_work_stays_on_the_device():
@@ -210,6 +214,8 @@ def test_the_samplers_per_token_work_stays_on_the_device():
         host = {"aten.lift_fresh", "aten.lift_fresh_copy", "aten._local_scalar_dense", "aten.nonzero"}
         assert recorded.ops and not host & set(recorded.ops), (temperature, top_p, host & set(recorded.ops))
         assert len(sampler.logprobs) == 3
+        if (temperature, top_p) == (1.0, 1.0):  # three (rows, V) temporaries per token (in-place ops reuse them)
+            assert sum(shape == (6, 50) for shape in recorded.new_shapes) == 3 * 3, recorded.new_shapes
 
 
 def test_hf_engine_decodes_with_the_policy_once_lightning_has_cast_it(tokenizer):

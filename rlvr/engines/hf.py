@@ -67,8 +67,8 @@ class SeededSampler(LogitsProcessor):
     decoding (log-probs of the untempered distribution).
 
     Per token (top_p = 1) it makes three (rows, V) temporaries: the tempered float32 scores, their
-    exponent, and its float64 copy, summed in place (float64: u < total, exactly); the returned
-    scores reuse the first.
+    exponent (shifted by the row's maximum), and its float64 copy, summed in place; the log-normalizer
+    comes from that sum, and the returned scores reuse the first.
     """
 
     def __init__(self, row_seeds: Sequence[int], temperature: float, top_p: float,
@@ -90,10 +90,12 @@ class SeededSampler(LogitsProcessor):
             probs, order = scores.softmax(dim=-1).sort(dim=-1, descending=True)  # (rows, V)
             outside = probs.cumsum(dim=-1) - probs > self.top_p  # mass before a token already covers top_p
             scores = scores.scatter(-1, order, torch.where(outside, float("-inf"), scores.gather(-1, order)))
-        log_norm = scores.logsumexp(dim=-1, keepdim=True)  # (rows, 1)
-        cdf = (scores - log_norm).exp_().double().cumsum_(dim=-1)  # (rows, V)
-        u = row_uniforms(self._keys, self._position)[:, None] * cdf[:, -1:]  # (rows, 1)
+        top = scores.amax(dim=-1, keepdim=True)  # (rows, 1)
+        cdf = (scores - top).exp_().double().cumsum_(dim=-1)  # (rows, V), unnormalized; float64: u < total, exactly
+        total = cdf[:, -1:]  # (rows, 1): sum of exp(scores - top)
+        u = row_uniforms(self._keys, self._position)[:, None] * total  # (rows, 1)
         chosen = torch.searchsorted(cdf, u, right=True)  # (rows, 1): a zero-probability token is never chosen
+        log_norm = top + total.log().float()  # (rows, 1): logsumexp of the scores, without another (rows, V) pass
         del cdf
         self.logprobs.append((scores.gather(-1, chosen) - log_norm).squeeze(-1))
         self._position += 1
