@@ -48,22 +48,27 @@ mkdir -p "$OUT"; : > "$OUT/summary.txt"
 began=$(date +%s)
 
 python - <<'EOF' || exit 3
-import importlib, sys
-required = {"torch": "torch", "lightning": "lightning", "transformers": "transformers", "torchmetrics": "torchmetrics",
-            "pyarrow": "pyarrow", "pytest": "pytest", "hydra": "hydra-core==1.3.8", "omegaconf": "omegaconf==2.3.1",
-            "antlr4": "antlr4-python3-runtime==4.9.3", "math_verify": "math-verify==0.9.0",
-            "latex2sympy2_extended": "latex2sympy2_extended==1.11.0", "torchao": "torchao==0.18.0"}
-optional = {"bitsandbytes": "bitsandbytes==0.50.2"}
-def broken(modules):
+import importlib, importlib.util, sys
+# pure-Python wheels: found is enough; compiled against torch: imported (a build for another torch fails here)
+found = {"lightning": "lightning", "transformers": "transformers", "torchmetrics": "torchmetrics", "pyarrow": "pyarrow",
+         "pytest": "pytest", "hydra": "hydra-core==1.3.8", "omegaconf": "omegaconf==2.3.1",
+         "antlr4": "antlr4-python3-runtime==4.9.3", "math_verify": "math-verify==0.9.0",
+         "latex2sympy2_extended": "latex2sympy2_extended==1.11.0"}
+imported = {"torch": "torch", "torchao": "torchao==0.18.0"}
+optional = {"bitsandbytes": "bitsandbytes==0.50.2"}  # found is enough: nothing here imports it yet
+def broken(modules, load):
     out = []
     for module, wheel in modules.items():
         try:
-            importlib.import_module(module)
+            if load:
+                importlib.import_module(module)
+            elif importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(f"no module named {module}")
         except Exception as error:  # not installed, or built against another torch
             out.append(f"{wheel} ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
     return out
-missing = broken(required)
-for wheel in broken(optional):
+missing = broken(found, load=False) + broken(imported, load=True)
+for wheel in broken(optional, load=False):
     print(f"note: optional {wheel}", file=sys.stderr)
 if missing:
     print("error: cannot import: " + "; ".join(missing) + ". Install the wheels (../shared/gpu/README.md).", file=sys.stderr)
@@ -74,7 +79,9 @@ if [[ -n "${GPU_CHECK_ON_CPU:-}" ]]; then  # plumbing only: tiny model on CPU, a
     L4=(--gpu cpu --model tiny); H100=(--gpu cpu --model tiny); CAP=()
     SIZE=(--batch-size 4 --n 4 --max-new-tokens 16 --steps 2)
     L4_SIZE=("${SIZE[@]}"); H100_SIZE=("${SIZE[@]}")
-    MEM_L4=(--only gpu=l4,model=qwen2.5-0.5b,tokens=32); MEM_BASE=(--only gpu=h100,model=qwen2.5-0.5b,tokens=32)
+    # memory computed on fake tensors, plain AdamW (torchao's fake-tensor step takes minutes on a CPU)
+    MEM_L4=(--only gpu=a100,model=qwen2.5-0.5b,tokens=32); MEM_BASE=(--only gpu=h100,model=qwen2.5-0.5b,tokens=32)
+    SLOW=4  # time limits x4: a shared 2-core CPU, not a GPU
     SAMPLER=(--device cpu --steps 2 --rows 16 --vocab 4096)
 else
     step_arch() { python "$SHARED/gpu/make_architectures.py" "$SHARED/tokenizers/qwen2.5"; }
@@ -89,6 +96,7 @@ else
     H100_SIZE=(--batch-size 16 --n 8 --max-new-tokens 256 --steps 2)
     MEM_L4=(--cuda --mem-cap-gib "$L4_CAP_GIB" --only gpu=l4,model=qwen2.5-math-1.5b,tokens=1024); MEM_BASE=(--cuda --baseline)
     SAMPLER=(--device cuda --steps 20)
+    SLOW=1
 fi
 
 failed=()
@@ -96,6 +104,7 @@ step() {  # name, time limit in s, command...: run (unless GPU_CHECK_ONLY leaves
     local name=$1 limit=$2; shift 2
     if [[ -n "$ONLY" && ",$ONLY," != *",$name,"* ]]; then return; fi
     local t0; t0=$(date +%s)
+    limit=$(( limit * SLOW ))
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     (( rc == 124 )) && echo "(stopped at its ${limit} s limit)" >> "$OUT/$name.log"
@@ -111,7 +120,9 @@ step sampler 120 python benchmarks/sampler.py "${SAMPLER[@]}"
 step gpu_tests 300 python -m pytest -m gpu -q -rs tests/test_gpu.py
 
 echo
-echo "GPU check: $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)")'), $(( $(date +%s) - began )) s"
+if [[ -n "${GPU_CHECK_ON_CPU:-}" ]]; then device="CPU (dry run)"; else
+    device=$(python -c 'import torch; print(torch.cuda.get_device_name())' 2>&1 | tail -1); fi
+echo "GPU check: $device, $(( $(date +%s) - began )) s"
 cat "$OUT/summary.txt"
 for name in memory_l4 memory_baseline; do
     [[ -f "$OUT/$name.log" ]] || continue

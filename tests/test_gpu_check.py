@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh cannot report success for a run that failed: a missing SHARED stops it
-before any step, and a step that fails makes it exit non-zero (its CPU dry run, one step at a time)."""
+before any step, and a step that fails makes it exit non-zero (its CPU dry run, one step)."""
 
 import os
 import stat
@@ -23,13 +23,10 @@ def test_a_missing_shared_folder_stops_the_check_before_any_step(tmp_path):
     assert not (tmp_path / "out" / "summary.txt").exists()
 
 
-def test_a_failing_step_fails_the_check_and_a_passing_one_passes(tmp_path):
-    """The sampler step on CPU, once as it is and once with a `python` that fails on that script
-    (put first on PATH: every other command still runs the real interpreter)."""
-    passed = check(tmp_path, SHARED=str(SHARED), GPU_CHECK_ONLY="sampler")
-    assert passed.returncode == 0, passed.stdout[-2000:] + passed.stderr[-2000:]
-    assert "== sampler: exit 0" in passed.stdout and "all steps passed" in passed.stdout
-
+def test_a_failing_step_fails_the_check(tmp_path):
+    """The sampler step of the CPU dry run with a `python` that fails on that script (put first on
+    PATH: every other command still runs the real interpreter). That the whole dry run passes is
+    benchmarks/RESULTS.md's to show: it takes minutes on two cores."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "python"
@@ -37,5 +34,6 @@ def test_a_failing_step_fails_the_check_and_a_passing_one_passes(tmp_path):
                     f'exec {sys.executable} "$@"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     failed = check(tmp_path, SHARED=str(SHARED), GPU_CHECK_ONLY="sampler", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert failed.returncode == 1
+    assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
     assert "== sampler: exit 7" in failed.stdout and "FAILED: sampler" in failed.stdout
+    assert "injected failure" in (tmp_path / "out" / "sampler.log").read_text()
