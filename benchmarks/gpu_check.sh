@@ -126,7 +126,7 @@ echo "GPU check: $device, $(( $(date +%s) - began )) s"
 cat "$OUT/summary.txt"
 for name in memory_l4 memory_baseline; do
     [[ -f "$OUT/$name.log" ]] || continue
-    echo "-- $name"; grep -E "^(profile|l4|h100|peak) |^peak_gib" "$OUT/$name.log" || tail -5 "$OUT/$name.log"
+    echo "-- $name"; grep -E "^(profile|l4|a100|h100)|^peak_gib" "$OUT/$name.log" || tail -5 "$OUT/$name.log"
 done
 for name in breakdown_l4 breakdown_h100; do
     [[ -f "$OUT/$name.log" ]] || continue
