@@ -81,7 +81,7 @@ if [[ -n "${GPU_CHECK_ON_CPU:-}" ]]; then  # plumbing only: tiny model on CPU, a
     L4_SIZE=("${SIZE[@]}"); H100_SIZE=("${SIZE[@]}")
     # memory computed on fake tensors, plain AdamW (torchao's fake-tensor step takes minutes on a CPU)
     MEM_L4=(--only gpu=a100,model=qwen2.5-0.5b,tokens=32); MEM_BASE=(--only gpu=h100,model=qwen2.5-0.5b,tokens=32)
-    SLOW=4  # time limits x4: a shared 2-core CPU, not a GPU
+    SLOW=6  # time limits x6: a shared 2-core CPU, not a GPU
     SAMPLER=(--device cpu --steps 2 --rows 16 --vocab 4096)
 else
     step_arch() { python "$SHARED/gpu/make_architectures.py" "$SHARED/tokenizers/qwen2.5"; }
@@ -112,12 +112,12 @@ step() {  # name, time limit in s, command...: run (unless GPU_CHECK_ONLY leaves
     (( rc == 0 )) || failed+=("$name")
 }
 
-step memory_l4 240 python benchmarks/memory.py "${MEM_L4[@]}"
-step memory_baseline 240 python benchmarks/memory.py "${MEM_BASE[@]}"
-step breakdown_l4 300 python benchmarks/step_breakdown.py --engines hf --no-raw "${CAP[@]}" "${L4_SIZE[@]}" "${L4[@]}"
-step breakdown_h100 300 python benchmarks/step_breakdown.py --engines hf --no-raw "${H100_SIZE[@]}" "${H100[@]}"
-step sampler 120 python benchmarks/sampler.py "${SAMPLER[@]}"
-step gpu_tests 300 python -m pytest -m gpu -q -rs tests/test_gpu.py
+step memory_l4 120 python benchmarks/memory.py "${MEM_L4[@]}"
+step memory_baseline 90 python benchmarks/memory.py "${MEM_BASE[@]}"
+step breakdown_l4 150 python benchmarks/step_breakdown.py --engines hf --no-raw "${CAP[@]}" "${L4_SIZE[@]}" "${L4[@]}"
+step breakdown_h100 150 python benchmarks/step_breakdown.py --engines hf --no-raw "${H100_SIZE[@]}" "${H100[@]}"
+step sampler 60 python benchmarks/sampler.py "${SAMPLER[@]}"
+step gpu_tests 180 python -m pytest -m gpu -q -rs tests/test_gpu.py
 
 echo
 if [[ -n "${GPU_CHECK_ON_CPU:-}" ]]; then device="CPU (dry run)"; else
