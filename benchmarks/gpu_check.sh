@@ -114,8 +114,8 @@ step() {  # name, time limit in s, command...: run (unless GPU_CHECK_ONLY leaves
 
 step memory_l4 120 python benchmarks/memory.py "${MEM_L4[@]}"
 step memory_baseline 90 python benchmarks/memory.py "${MEM_BASE[@]}"
-step breakdown_l4 150 python benchmarks/step_breakdown.py --engines hf --no-raw "${CAP[@]}" "${L4_SIZE[@]}" "${L4[@]}"
-step breakdown_h100 150 python benchmarks/step_breakdown.py --engines hf --no-raw "${H100_SIZE[@]}" "${H100[@]}"
+step breakdown_l4 180 python benchmarks/step_breakdown.py --engines hf --no-raw "${CAP[@]}" "${L4_SIZE[@]}" "${L4[@]}"
+step breakdown_h100 240 python benchmarks/step_breakdown.py --engines hf --no-raw "${H100_SIZE[@]}" "${H100[@]}"
 step sampler 60 python benchmarks/sampler.py "${SAMPLER[@]}"
 step gpu_tests 180 python -m pytest -m gpu -q -rs tests/test_gpu.py
 
