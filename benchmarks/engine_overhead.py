@@ -34,10 +34,11 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from vllm import SamplingParams as VLLMSampling
 
-    from rlvr.engine import EngineOptions, SamplingParams, make_engine
+    from rlvr.engines.factory import make_engine
+    from rlvr.engines.protocol import EngineOptions, SamplingParams
+    from rlvr.engines.vllm import request_seed
     from rlvr.models import ModelSpec, load_model, load_tokenizer
     from rlvr.train import CONF_DIR
-    from rlvr.vllm_engine import request_seed
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         spec = ModelSpec.from_config(compose(config_name="config", overrides=[f"model={args.model}"]).model)

@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rlvr.data import Example, arithmetic  # noqa: E402
-from rlvr.engine import EngineOptions, SamplingParams, make_engine  # noqa: E402
+from rlvr.engines.factory import make_engine  # noqa: E402
+from rlvr.engines.protocol import EngineOptions, SamplingParams  # noqa: E402
 from rlvr.evaluate import evaluate_benchmark  # noqa: E402
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, load_tokenizer  # noqa: E402
 from rlvr.rewards import RewardScorer  # noqa: E402

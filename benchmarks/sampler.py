@@ -9,7 +9,7 @@ Compared side by side on the same logits:
   engine did when the first H200 run generated 202 tokens/s;
 - `counter-based Gumbel`: the same Gumbel-max with a vectorized counter-based hash on the device
   (one hash per vocabulary entry);
-- `rlvr (inverse CDF)`: `rlvr.engine.SeededSampler`, one counter-based uniform per row.
+- `rlvr (inverse CDF)`: `rlvr.engines.hf.SeededSampler`, one counter-based uniform per row.
 The last line is `before/rlvr time ratio: X.XX` (above 1: rlvr's sampler is faster).
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from rlvr.engine import SeededSampler, hash32, row_keys
+from rlvr.engines.hf import SeededSampler, hash32, row_keys
 
 
 def per_row_generators(seeds: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -48,8 +48,8 @@ def counter_gumbel(seeds: list[int], vocab: int, device: torch.device) -> Callab
     return sample
 
 
-def rlvr_sampler(seeds: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    sampler = SeededSampler(seeds, temperature=1.0, top_p=1.0)
+def rlvr_sampler(seeds: list[int], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    sampler = SeededSampler(seeds, temperature=1.0, top_p=1.0, device=device)
     return lambda scores: sampler(None, scores).argmax(dim=-1)
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     samplers = {
         "per-row generators (before)": per_row_generators(seeds),
         "counter-based Gumbel": counter_gumbel(seeds, args.vocab, device),
-        "rlvr (inverse CDF)": rlvr_sampler(seeds),
+        "rlvr (inverse CDF)": rlvr_sampler(seeds, device),
     }
     print(f"{args.rows} rows x {args.vocab} vocabulary on {device} ({torch.get_num_threads()} CPU threads)")
     print(f"{'sampler':30} {'ms per decoding step':>22}")

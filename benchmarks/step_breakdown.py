@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlvr.engine import prompt_seeds  # noqa: E402
+from rlvr.engines.protocol import prompt_seeds  # noqa: E402
 from rlvr.train import CONF_DIR, train  # noqa: E402
 
 PHASES = ["time/generate_s", "time/reward_s", "time/logprobs_s", "time/update_s", "time/weight_push_s", "time/step_s"]
@@ -98,7 +98,7 @@ def raw_vllm(cfg: DictConfig, steps: list, folder: Path) -> float:
     from vllm import LLM, SamplingParams
 
     from rlvr.models import ModelSpec, load_model, load_tokenizer
-    from rlvr.vllm_engine import request_seed
+    from rlvr.engines.vllm import request_seed
 
     spec = ModelSpec.from_config(cfg.model)
     tokenizer = load_tokenizer(spec)

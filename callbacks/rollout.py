@@ -12,10 +12,11 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlvr.distributed import policy_weights
-from rlvr.engine import RolloutEngine, SamplingParams, eos_ids, prompt_seeds
+from rlvr.engines.protocol import RolloutEngine, SamplingParams, eos_ids, prompt_seeds
 from rlvr.rewards import RewardScorer
 from rlvr.rollout import pack_rollout
 
@@ -28,12 +29,15 @@ class RolloutCallback(L.Callback):
         tokenizer: PreTrainedTokenizerBase,
         sampling: SamplingParams,
         seed: int = 0,
+        push_dtype: torch.dtype | None = None,
     ) -> None:
+        """`push_dtype`: the engine's dtype, in which sharded (FSDP2) weights are gathered for it."""
         self.engine = engine
         self.scorer = scorer
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.seed = seed
+        self.push_dtype = push_dtype
         self.eos_ids = eos_ids(tokenizer.eos_token_id)
         self.samples_generated = 0
         self.tokens_generated = 0
@@ -45,7 +49,7 @@ class RolloutCallback(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         self._step_began = time.perf_counter()
         if not self._engine_current:  # the first step of a run (fresh or resumed): the engine may hold other weights
-            self.engine.load_weights(policy_weights(pl_module))
+            self.engine.load_weights(policy_weights(pl_module, self.push_dtype))
             self._engine_current = True
             pl_module.log("time/engine_start_s", time.perf_counter() - self._step_began, on_step=True, on_epoch=False,
                           batch_size=1)  # vLLM builds itself here, at its first use
@@ -77,7 +81,7 @@ class RolloutCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
         pushed = time.perf_counter()
-        self.engine.load_weights(policy_weights(pl_module))
+        self.engine.load_weights(policy_weights(pl_module, self.push_dtype))
         pl_module.log("time/weight_push_s", time.perf_counter() - pushed, on_step=True, on_epoch=False, batch_size=1)
         batch.pop("rollout", None)  # free the step's tensors before the next rollout
         # generate + score + update + weight push (not checkpoint writes), slowest rank

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlvr.data import Example
-from rlvr.engine import RolloutEngine, SamplingParams
+from rlvr.engines.protocol import RolloutEngine, SamplingParams
 from rlvr.evaluate import evaluate_benchmark
 from rlvr.rewards import RewardScorer
 

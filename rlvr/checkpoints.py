@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from rlvr.cli import UserError
+from rlvr.errors import UserError
 
 log = logging.getLogger(__name__)
 

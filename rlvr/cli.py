@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 
 from rlvr import reflection
+from rlvr.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -44,10 +45,6 @@ OmegaConf.register_new_resolver("shared", lambda relative="": str(shared_folder(
 OmegaConf.register_new_resolver("instruction", reflection.instruction, replace=True)  # rlvr.reflection's
 GROUPS = ("model", "data", "mode", "gpu", "logger", "experiment")
 NOISE = ("litlogger", "GPU available:", "TPU available:", "HPU available:", "LeafSpec")
-
-
-class UserError(ValueError):
-    """A setting or an input the user can fix; printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +200,7 @@ def check_accelerator(cfg: DictConfig, profile: str | None) -> None:
 
 def check_engine(engine: str) -> None:
     if engine == "vllm":
-        from rlvr import vllm_engine
+        from rlvr.engines import vllm as vllm_engine
 
         if not vllm_engine.available():
             raise UserError(vllm_engine.MISSING)

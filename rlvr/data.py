@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from rlvr.cli import UserError
+from rlvr.errors import UserError
 from rlvr.reflection import DEFAULT_INSTRUCTION  # the instruction and the verdict parser are one definition
 
 log = logging.getLogger(__name__)

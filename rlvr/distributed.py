@@ -5,7 +5,8 @@ DDP keeps a whole replica of the policy on every rank, so a rollout engine that 
 tensors (the Hugging Face engine) has nothing to sync. FSDP2 shards the policy (one unit per decoder
 layer, plus the rest: embeddings, final norm, LM head): an engine then holds its own full copy, and
 after each update it receives the full weights gathered one parameter at a time
-(`DTensor.full_tensor()`), so at most one parameter's full copy exists beside the shards.
+(`DTensor.full_tensor()`), so at most one parameter's full copy exists beside the shards. Each shard
+is cast to the engine's dtype before the gather: a bf16 engine gets half the traffic of fp32.
 
 Why not FSDP1 (`FSDPStrategy`): Lightning runs a step inside the root FSDP module's forward, and
 with manual optimization the backward passes happen inside that forward, so FSDP1's state machine
@@ -64,15 +65,19 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """A sharded tensor gathered (a collective: every rank must call it in the same order), or the tensor."""
+def full(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A sharded tensor gathered (a collective: every rank must call it in the same order), each
+    shard first cast to `dtype` when given; or the tensor itself, as it is."""
     from torch.distributed.tensor import DTensor
 
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    return (tensor if dtype is None else tensor.to(dtype)).full_tensor()
 
 
-def policy_weights(pl_module: L.LightningModule) -> Iterator[tuple[str, torch.Tensor]]:
+def policy_weights(pl_module: L.LightningModule, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's full weights by their Hugging Face names, for a rollout engine: the parameters
-    themselves, or under FSDP2 each one gathered in turn (every rank iterates to the end)."""
+    themselves (an engine that shares them needs no copy), or under FSDP2 each one gathered in turn
+    in the engine's `dtype` (every rank iterates to the end)."""
     for name, param in pl_module.policy.named_parameters():
-        yield name, full(param.detach())
+        yield name, full(param.detach(), dtype)

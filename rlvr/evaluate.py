@@ -33,7 +33,9 @@ from transformers import PreTrainedTokenizerBase
 from rlvr import cli  # the command line's checks; importing it registers the ${shared:} resolver
 from rlvr.answers import answer_box
 from rlvr.data import Example, build_prompt, load_benchmark
-from rlvr.engine import EngineOptions, RolloutEngine, SamplingParams, eos_ids, make_engine, prompt_seeds, truncated
+from rlvr.engines.factory import make_engine
+from rlvr.engines.protocol import EngineOptions, RolloutEngine, SamplingParams, eos_ids, prompt_seeds, truncated
+from rlvr.errors import UserError
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, load_tokenizer
 from rlvr.rewards import RewardScorer
 
@@ -251,7 +253,7 @@ def check_evaluate(cfg: DictConfig, profile: str | None = None) -> None:
     """What evaluation needs before anything loads: the accelerator, the model, the benchmarks, the engine."""
     cli.check_accelerator(cfg, profile)
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
-        raise cli.UserError(f"model={cfg.checkpoint}: no such checkpoint file")
+        raise UserError(f"model={cfg.checkpoint}: no such checkpoint file")
     if not cfg.checkpoint:
         cli.check_source("model.name", str(cfg.model.name), cli.MODEL_HINT)
     cli.check_benchmarks("benchmarks", cfg.benchmarks, cfg.benchmark_sources)
@@ -263,7 +265,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         check_evaluate(cfg, profile=HydraConfig.get().runtime.choices.get("gpu"))
         evaluate(cfg)
-    except cli.UserError as error:  # a bad setting, benchmark row or checkpoint: one line, status 2
+    except UserError as error:  # a bad setting, benchmark row or checkpoint: one line, status 2
         cli.fail(error, Path(HydraConfig.get().runtime.output_dir))
 
 
@@ -273,7 +275,7 @@ def main() -> None:
     argv = cli.model_argument(sys.argv[1:], checkpoints=True)
     try:
         cli.check_overrides(argv, config_name="evaluate")
-    except cli.UserError as error:
+    except UserError as error:
         cli.fail(error)
     sys.argv = [sys.argv[0], *argv]
     _hydra_main()

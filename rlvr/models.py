@@ -182,7 +182,7 @@ def load_checkpoint_policy(
 
 def check_context(model: PreTrainedModel, prompt_tokens: int, new_tokens: int) -> None:
     """Reject a response limit that would run past the model's position embeddings."""
-    from rlvr.cli import UserError
+    from rlvr.errors import UserError
 
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and prompt_tokens + new_tokens > context:

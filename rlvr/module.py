@@ -243,6 +243,7 @@ class GRPOModule(L.LightningModule):
                     self.consecutive_skips = 0
                 optimizer.step()  # after a skip no parameter has a gradient, so AdamW leaves all as they are
                 scheduler.step()
+        optimizer.zero_grad(set_to_none=True)  # free the gradients now: the weight push and the next rollout need the room
         sums["logprob_gap_max"] = gap_max
         update_s = time.perf_counter() - logprobs_done
         timing = dict(on_step=True, on_epoch=False, batch_size=1)

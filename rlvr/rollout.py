@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr import engine
+from rlvr.engines import protocol
 from rlvr.rewards import RewardBatch
 
 
@@ -37,7 +37,7 @@ class Rollout:
 
 
 def pack_rollout(
-    prompts: list[list[int]], generation: engine.Generation, n: int, pad_id: int, eos_ids: list[int],
+    prompts: list[list[int]], generation: protocol.Generation, n: int, pad_id: int, eos_ids: list[int],
     rewards: RewardBatch,
 ) -> Rollout:
     """Lay out prompt i's n completions (rows i*n .. i*n+n-1) as padded tensors."""
@@ -57,5 +57,5 @@ def pack_rollout(
         attention_mask[row, width_p - len(prompt) : width_p + len(completion)] = 1
         response_mask[row, : len(completion)] = 1.0
         logprobs[row, : len(completion)] = torch.tensor(completion_logprobs, dtype=torch.float32)
-        truncated[row] = engine.truncated(completion, eos_ids)
+        truncated[row] = protocol.truncated(completion, eos_ids)
     return Rollout(input_ids, attention_mask, response_mask, logprobs, truncated, rewards)

@@ -22,13 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rlvr import cli
-from rlvr.cli import UserError, check_config, check_overrides, fail, grpo_config, model_argument, quiet
+from rlvr.cli import check_config, check_overrides, fail, grpo_config, model_argument, quiet
+from rlvr.errors import UserError
 
 if TYPE_CHECKING:  # the training stack is imported in train(): a wrong command fails before Lightning's import
     import lightning as L
 
     from callbacks.validation import ValidationCallback
-    from rlvr.engine import RolloutEngine
+    from rlvr.engines.protocol import RolloutEngine
     from rlvr.rewards import RewardScorer
 
 CONF_DIR = str(cli.CONF_DIR)
@@ -41,7 +42,7 @@ warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is
 def validation(cfg: DictConfig, engine: RolloutEngine, scorer: RewardScorer, tokenizer, steps: int) -> ValidationCallback:
     from callbacks.validation import ValidationCallback
     from rlvr.data import load_benchmark
-    from rlvr.engine import SamplingParams
+    from rlvr.engines.protocol import SamplingParams
     from rlvr.evaluate import benchmark_source
 
     v = cfg.validation
@@ -89,7 +90,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
     from rlvr.checkpoints import AtomicCheckpointIO, RunCheckpoint, make_present, resolve_ckpt_path
     from rlvr.data import PromptDataModule, load_examples
     from rlvr.distributed import make_strategy, shards_weights
-    from rlvr.engine import EngineOptions, SamplingParams, make_engine
+    from rlvr.engines.factory import make_engine
+    from rlvr.engines.protocol import EngineOptions, SamplingParams
     from rlvr.loggers import close_loggers, make_loggers, save_run_config
     from rlvr.models import ModelSpec, check_context, load_model, load_tokenizer
     from rlvr.module import GRPOModule
@@ -149,7 +151,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
         logger=loggers,
         callbacks=[
             *(extra_callbacks or []),
-            RolloutCallback(engine, scorer, tokenizer, sampling, seed=cfg.seed),  # pushes weights; keep it first
+            RolloutCallback(engine, scorer, tokenizer, sampling, seed=cfg.seed,  # pushes weights; keep it first
+                            push_dtype=getattr(torch, engine_options.dtype)),
             *([validation(cfg, engine, scorer, tokenizer, steps)] if cfg.validation.benchmarks else []),
             *([SamplesCallback(output_dir / "samples.jsonl", cfg.samples.every, cfg.samples.count)]
               if cfg.samples.every else []),

@@ -78,7 +78,8 @@ def batches(examples: list[Example], tokenizer, batch_size: int, seed: int):
 @torch.no_grad()
 def sampled_accuracy(model, tokenizer, problems: list[Example], temperature: float, seed: int) -> tuple[float, float]:
     """(accuracy, format) of one sample per problem, graded by the training reward."""
-    from rlvr.engine import HFEngine, SamplingParams, prompt_seeds
+    from rlvr.engines.hf import HFEngine
+    from rlvr.engines.protocol import SamplingParams, prompt_seeds
     from rlvr.rewards import format_signal, verify_signal
 
     engine = HFEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size=64)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rlvr.cli import check_overrides, UserError
+from rlvr.cli import check_overrides
+from rlvr.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

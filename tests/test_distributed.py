@@ -134,3 +134,25 @@ def test_two_processes_skip_a_step_with_no_signal_together(tmp_path):
     logged = metrics(folder)
     assert logged[0]["train/grad_norm"] > 0 and logged[0]["train/no_signal_updates"] == 0
     assert (logged[1]["train/no_signal_updates"], logged[2]["train/no_signal_updates"]) == (1, 2)
+
+
+def test_a_sharded_weight_is_gathered_in_the_engines_dtype():
+    """FSDP2's push: each shard is cast before the gather (a bf16 engine: half the traffic); a plain
+    tensor is handed over as it is. One gloo process, a DTensor sharded over it."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from rlvr.distributed import full
+
+    plain = torch.randn(4, 3)
+    assert full(plain, torch.bfloat16) is plain
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        weight = distribute_tensor(torch.randn(4, 3), init_device_mesh("cpu", (1,)), [Shard(0)])
+        gathered = full(weight, torch.bfloat16)
+        assert gathered.dtype == torch.bfloat16 and torch.equal(gathered, weight.full_tensor().to(torch.bfloat16))
+        assert full(weight).dtype == torch.float32
+    finally:
+        dist.destroy_process_group()

@@ -12,9 +12,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from rlvr import report
-from rlvr.data import DataError, benchmark_example, load_benchmark
-from rlvr.engine import Generation, SamplingParams
 from rlvr.cli import model_argument
+from rlvr.data import DataError, benchmark_example, load_benchmark
+from rlvr.engines.protocol import Generation, SamplingParams
 from rlvr.evaluate import evaluate, evaluate_benchmark, majority_correct, pass_at_k, summarize
 from rlvr.models import ModelSpec, load_checkpoint_policy, load_model, tiny_tokenizer
 from rlvr.rewards import RewardScorer, ground_truth_answer, verify_signal

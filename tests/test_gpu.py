@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlvr.engine import HFEngine, SamplingParams
+from rlvr.engines.hf import HFEngine
+from rlvr.engines.protocol import SamplingParams
 from rlvr.models import ModelSpec, load_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,25 @@ def test_hf_engine_samples_on_the_gpu_by_seed_only_and_decodes_in_bf16():
     assert all(p.dtype == torch.bfloat16 and p.is_cuda for p in bf16.model.parameters())
     out = bf16.generate(prompts, params, [10, 11, 12, 13])
     assert len(out.tokens) == 16 and all(math.isfinite(x) for lp in out.logprobs for x in lp)
+
+
+def test_the_samplers_decoding_steps_make_no_host_sync():
+    """torch's sync debug mode raises on any synchronizing call (a copy to the host, .item(), a
+    host-to-device copy from pageable memory) inside the sampler's per-token work. Hugging Face's own
+    stopping check syncs once per token; it is outside what this wraps."""
+    from rlvr.engines.hf import SeededSampler
+
+    logits = torch.randn(64, 151936, device="cuda")
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)]:
+        sampler = SeededSampler(range(64), temperature, top_p, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                sampler(None, logits)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.stack(sampler.logprobs).isfinite().all()
 
 
 def test_the_h100_profile_trains_and_resumes_on_the_gpu(tmp_path):

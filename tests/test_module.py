@@ -9,13 +9,15 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from callbacks.rollout import RolloutCallback
 from rlvr.data import PromptDataModule, load_examples
-from rlvr.engine import Generation, HFEngine, SamplingParams
-from rlvr.models import ModelSpec, load_model, tiny_tokenizer
 from rlvr import grpo
+from rlvr.engines.hf import HFEngine
+from rlvr.engines.protocol import Generation, SamplingParams
 from rlvr.grpo import GRPOConfig
+from rlvr.models import ModelSpec, load_model, tiny_tokenizer
 from rlvr.module import GRPOModule
 from rlvr.rewards import RewardBatch
 from rlvr.rollout import pack_rollout
@@ -220,7 +222,7 @@ def test_a_prompts_samples_do_not_depend_on_its_batch_or_chunking(tokenizer):
 
 def test_seeded_sampler_draws_from_the_tempered_distribution():
     """Gumbel-max per row: token frequencies match softmax(logits / T); top-p keeps only the nucleus."""
-    from rlvr.engine import SeededSampler
+    from rlvr.engines.hf import SeededSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     for temperature, top_p in [(1.0, 1.0), (0.5, 1.0), (1.0, 0.7)]:
@@ -234,29 +236,76 @@ def test_seeded_sampler_draws_from_the_tempered_distribution():
 
 def test_seeded_sampler_picks_the_token_where_the_cumulative_probability_passes_u(monkeypatch):
     """Inverse CDF by hand: probabilities 0.2, 0.3, 0.5 (cumulative 0.2, 0.5, 1.0)."""
-    import rlvr.engine
+    import rlvr.engines.hf
 
     logits = torch.tensor([[0.2, 0.3, 0.5]]).log()
     for u, token in [(0.1, 0), (0.25, 1), (0.49, 1), (0.51, 2), (0.999, 2)]:
-        monkeypatch.setattr(rlvr.engine, "row_uniforms", lambda keys, position, u=u: torch.tensor([u], dtype=torch.float64))
-        sampler = rlvr.engine.SeededSampler([0], temperature=1.0, top_p=1.0)
+        monkeypatch.setattr(rlvr.engines.hf, "row_uniforms", lambda keys, position, u=u: torch.tensor([u], dtype=torch.float64))
+        sampler = rlvr.engines.hf.SeededSampler([0], temperature=1.0, top_p=1.0)
         out = sampler(None, logits)
         assert int(out.argmax()) == token and out.isinf().sum() == 2, (u, token)
         assert sampler.logprobs[0].item() == pytest.approx(logits[0, token].item(), abs=1e-6)
     # top-p 0.5 keeps 0.5 and 0.3 (0.5 alone does not cover it); even u near 1 never picks the 0.2
-    monkeypatch.setattr(rlvr.engine, "row_uniforms", lambda keys, position: torch.tensor([0.9999999], dtype=torch.float64))
-    assert int(rlvr.engine.SeededSampler([0], 1.0, top_p=0.5)(None, logits).argmax()) == 2
-    monkeypatch.setattr(rlvr.engine, "row_uniforms", lambda keys, position: torch.tensor([1e-9], dtype=torch.float64))
-    assert int(rlvr.engine.SeededSampler([0], 1.0, top_p=0.5)(None, logits).argmax()) == 1
+    monkeypatch.setattr(rlvr.engines.hf, "row_uniforms", lambda keys, position: torch.tensor([0.9999999], dtype=torch.float64))
+    assert int(rlvr.engines.hf.SeededSampler([0], 1.0, top_p=0.5)(None, logits).argmax()) == 2
+    monkeypatch.setattr(rlvr.engines.hf, "row_uniforms", lambda keys, position: torch.tensor([1e-9], dtype=torch.float64))
+    assert int(rlvr.engines.hf.SeededSampler([0], 1.0, top_p=0.5)(None, logits).argmax()) == 1
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every aten op run in its context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.new_shapes: list[tuple[int, ...]] = []  # of the tensors each out-of-place op returns
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and not func._schema.is_mutable and not any(out is a for a in args):
+            self.new_shapes.append(tuple(out.shape))
+        return out
+
+
+def test_the_samplers_per_token_work_stays_on_the_device():
+    """Inside the decoding loop no tensor is built from Python numbers (`torch.tensor(position)`:
+    aten.lift_fresh, a host-to-device copy per token on a GPU) and nothing is read back to the host
+    (aten._local_scalar_dense: .item(), float(), bool()). tests/test_gpu.py checks the same on CUDA
+    with torch's sync debug mode."""
+    from rlvr.engines.hf import SeededSampler
+
+    logits = torch.randn(6, 50)
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)]:
+        sampler = SeededSampler(range(6), temperature, top_p)
+        with _RecordOps() as recorded:
+            for _ in range(3):
+                sampler(None, logits)
+        host = {"aten.lift_fresh", "aten.lift_fresh_copy", "aten._local_scalar_dense", "aten.nonzero"}
+        assert recorded.ops and not host & set(recorded.ops), (temperature, top_p, host & set(recorded.ops))
+        assert len(sampler.logprobs) == 3
+        if (temperature, top_p) == (1.0, 1.0):  # three (rows, V) temporaries per token (in-place ops reuse them)
+            assert sum(shape == (6, 50) for shape in recorded.new_shapes) == 3 * 3, recorded.new_shapes
+
+
+def test_hf_engine_decodes_with_the_policy_once_lightning_has_cast_it(tokenizer):
+    """gpu=l4 (bf16-true): the engine is built while the policy is still fp32, and Lightning casts it
+    to bf16 before the first rollout; the engine then needs no bf16 copy of its own."""
+    policy = make_policy(tokenizer)
+    engine = HFEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id, dtype=torch.bfloat16)
+    policy.to(torch.bfloat16)  # what the bf16-true precision plugin does at setup
+    assert engine.model is policy
+    out = engine.generate([[1, 2, 3]], SamplingParams(n=2, temperature=1.0, max_new_tokens=4), [3])
+    assert len(out.tokens) == 2
 
 
 def test_row_uniforms_are_a_function_of_key_and_position():
-    from rlvr.engine import row_keys, row_uniforms
+    from rlvr.engines.hf import row_keys, row_uniforms
 
     keys = row_keys([5, 6, 5])
-    a, b = row_uniforms(keys, 0), row_uniforms(keys, 1)
+    a, b = row_uniforms(keys, torch.tensor(0)), row_uniforms(keys, torch.tensor(1))
     assert a[0] == a[2] and a[0] != a[1] and a[0] != b[0]  # same key, same position: same number
-    assert torch.equal(row_uniforms(row_keys([6]), 0), a[1:2])  # independent of the other rows
+    assert torch.equal(row_uniforms(row_keys([6]), torch.tensor(0)), a[1:2])  # independent of the other rows
     assert ((a > 0) & (a < 1)).all()
 
 
@@ -291,10 +340,11 @@ def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path):
 
         def load_weights(self, weights):
             events.append("push")
+            held_gradients.append(sum(p.grad is not None for p in module.policy.parameters()))
             super().load_weights(weights)
 
     engine = Engine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
-    history = []
+    history, held_gradients = [], []  # parameters holding a gradient when the weights are pushed
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -309,6 +359,8 @@ def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path):
     assert last > 0.3 and last > 5 * first, (first, last)
     # the engine sleeps between its rollout and the update, and the push after the update wakes it
     assert events == ["push"] + ["generate", "sleep", "push"] * 30
+    # the update freed its gradients before the push (they would sit beside vLLM's share otherwise)
+    assert held_gradients == [0] * 31
 
 
 def test_reference_model_is_held_only_with_kl_and_never_checkpointed(tokenizer):

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 
-from rlvr.cli import UserError
+from rlvr.errors import UserError
 from rlvr.train import CONF_DIR, train
 from tiny import TINY
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlvr import vllm_engine
-from rlvr.engine import EngineOptions, SamplingParams, make_engine
+from rlvr.engines import vllm as vllm_engine
+from rlvr.engines.factory import make_engine
+from rlvr.engines.protocol import EngineOptions, SamplingParams
 from rlvr.models import ModelSpec, tiny_model, tiny_tokenizer
 from tiny import TINY
 
@@ -92,20 +93,86 @@ def test_n_completions_per_prompt_seeded_and_independent_of_the_batch(engine_and
     assert engine.generate([prompts[1]], params, [99]).tokens != alone
 
 
+def test_flat_logprobs_are_the_numbers_the_per_token_dicts_hold(engine_and_policy):
+    """`flat_logprobs=True` (one list per sample) gives what the per-token dicts of the default path
+    give, for the same requests; and the engine returns exactly those."""
+    engine, _, _ = engine_and_policy
+    vllm = vllm_engine._import_vllm()
+    prompts = [{"prompt_token_ids": [10, 11, 12]}, {"prompt_token_ids": LONG_PROMPT}]
+    common = dict(n=3, temperature=0.8, max_tokens=10, seed=vllm_engine.request_seed(4), logprobs=0, detokenize=False)
+    flat = engine.llm.generate(prompts, vllm.SamplingParams(**common, flat_logprobs=True), use_tqdm=False)
+    dicts = engine.llm.generate(prompts, vllm.SamplingParams(**common), use_tqdm=False)
+    compared = 0
+    for a, b in zip(flat, dicts, strict=True):
+        for x, y in zip(sorted(a.outputs, key=lambda s: s.index), sorted(b.outputs, key=lambda s: s.index), strict=True):
+            assert list(x.token_ids) == list(y.token_ids)
+            assert type(x.logprobs).__name__ == "FlatLogprobs" and isinstance(y.logprobs, list)
+            expected = [step[t].logprob for step, t in zip(y.logprobs, y.token_ids)]
+            assert vllm_engine.sampled_logprobs(x.logprobs, list(x.token_ids)) == expected
+            compared += len(expected)
+    assert compared >= 6
+
+
+def test_sampled_logprobs_finds_the_sampled_token_among_several():
+    from types import SimpleNamespace as NS
+
+    flat = NS(token_ids=[7, 3, 9, 9], logprobs=[-0.1, -2.0, -0.3, -0.3], start_indices=[0, 2], end_indices=[2, 4])
+    assert vllm_engine.sampled_logprobs(flat, [3, 9]) == [-2.0, -0.3]
+
+
+def test_vllm_runs_in_this_process_whatever_was_inherited_and_keeps_the_trainers_threads():
+    environ = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # inherited from a parent shell
+    vllm_engine.set_environment(environ, threads=6)
+    assert environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and environ["OMP_NUM_THREADS"] == "6"
+    mine = {"OMP_NUM_THREADS": "3"}
+    vllm_engine.set_environment(mine, threads=6)
+    assert mine["OMP_NUM_THREADS"] == "3"  # the user's setting stands
+
+
+def test_under_ddp_the_local_rank_is_the_device_this_process_trains_on():
+    env = vllm_engine.distributed_environment(rank=5, world=8, cuda_device=1)  # e.g. 2 nodes x 4, or a remap
+    assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    assert vllm_engine.distributed_environment(rank=1, world=2, cuda_device=None)["LOCAL_RANK"] == "0"  # CPU
+
+
+def test_the_model_folder_is_named_by_its_content_and_written_atomically(tokenizer, tmp_path):
+    """The same model gets the same folder (vLLM's compile cache is keyed by the path); another
+    config another one; eight writers at once (DDP ranks) end with one complete folder, no leftovers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = tiny_model(ModelSpec("tiny"), len(tokenizer)).config
+    first = vllm_engine.model_folder(config, tokenizer, root=tmp_path)
+    assert vllm_engine.model_folder(config, tokenizer, root=tmp_path) == first
+    assert (first / "config.json").is_file() and (first / "tokenizer_config.json").is_file()
+    other = tiny_model(ModelSpec("tiny", num_layers=3), len(tokenizer)).config
+    assert vllm_engine.model_folder(other, tokenizer, root=tmp_path) != first
+
+    racing = tmp_path / "race"
+    with ThreadPoolExecutor(8) as pool:
+        folders = set(pool.map(lambda _: vllm_engine.model_folder(config, tokenizer, root=racing), range(8)))
+    assert folders == {racing / first.name}
+    assert sorted(p.name for p in racing.iterdir()) == [first.name]  # every other writer's copy is gone
+    assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in (racing / first.name).iterdir())
+
+
 def test_a_stop_token_ends_the_completion_and_is_kept(tokenizer):
     """A model with a zero final norm samples uniformly (EOS 1 in 259 per token): over 200 tokens most
     samples stop. Those end with their one EOS (truncated() is False); the rest run to the limit."""
-    from rlvr.engine import truncated
+    from rlvr.engines.protocol import truncated
 
     model = untied_tiny(tokenizer, seed=4)
     with torch.no_grad():
         model.model.norm.weight.zero_()
     engine = make_engine(OPTIONS, model, tokenizer, max_model_len=256)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # the trainer's; vLLM's worker would set "highest"
     try:
-        engine.load_weights(model.named_parameters())
+        engine.load_weights(model.named_parameters())  # builds the engine
+        assert torch.get_float32_matmul_precision() == "medium"
         out = engine.generate([[10, 11, 12]], SamplingParams(n=8, temperature=1.0, max_new_tokens=200), [5])
     finally:
         engine.close()
+        torch.set_float32_matmul_precision(precision)
     eos = tokenizer.eos_token_id
     stopped = [t for t in out.tokens if not truncated(t, [eos])]
     assert stopped and all(t[-1] == eos and eos not in t[:-1] for t in stopped)
@@ -155,7 +222,8 @@ class RecordingLLM:
         from types import SimpleNamespace as NS
 
         self.calls.append(("generate", len(requests)))
-        sample = NS(index=0, token_ids=[5], logprobs=[{5: NS(logprob=-0.5)}])
+        flat = NS(token_ids=[5], logprobs=[-0.5], start_indices=[0], end_indices=[1])  # vLLM's FlatLogprobs
+        sample = NS(index=0, token_ids=[5], logprobs=flat)
         return [NS(outputs=[sample]) for _ in requests]
 
 
@@ -240,3 +308,8 @@ def test_under_ddp_each_rank_has_its_own_engine_and_two_ranks_train_as_one(tmp_p
     done = run("tests/ddp_run.py", str(tmp_path), *RUN, "devices=2", f"output_dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_steps(metrics(tmp_path), one_process, ["reward/total", "train/loss", "train/grad_norm"], rel=1e-4)
+
+
+def test_the_log_says_what_a_healthy_logprob_gap_is_on_each_device():
+    assert "below 1e-3" in vllm_engine.healthy_gap("float32", on_cpu=True)
+    assert "around 1e-2" in vllm_engine.healthy_gap("bfloat16", on_cpu=False)
