@@ -9,6 +9,12 @@ one-digit operands (one- and two-digit answers), rewarding a correct `\\boxed{}`
 greedy answers to held-out problems that appear nowhere in the training pool, and prints a table:
 accuracy before and after, steps, wall time. A PNG shows training reward and accuracy per step with
 the held-out accuracy before and after.
+
+One seed's gain says little (issue 29: the same command went 0.055 -> 0.844 on one seed and an older
+sampler, and 0.055 -> 0.000 later), so `--seeds 0 1 2` trains once per seed, each in its own folder
+(OUT/seed-S), and ends with every seed's before and after and the smallest gain:
+
+    python benchmarks/learning.py --model smollm2-135m --steps 15 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -93,21 +99,10 @@ def plot(output_dir: Path, before: float, after: float, steps: int, title: str) 
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="a conf/model name (default smollm2-135m)")
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--eval-size", type=int, default=128, help="held-out problems")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bf16", action="store_true",
-                        help="bf16 autocast: about twice as fast on a CPU with AVX512-BF16, far slower on one without")
-    parser.add_argument("--out", default="outputs/learning")
-    parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. optim.lr=5e-6")
-    args = parser.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.manual_seed(args.seed)
-    output_dir = Path(args.out)
-    cfg = config(args.model, args.steps, output_dir, args.seed, args.bf16, args.overrides)
+def run_seed(args: argparse.Namespace, seed: int, output_dir: Path) -> dict[str, float]:
+    """Evaluate, train, evaluate again, for one seed; prints its table and returns its figures."""
+    torch.manual_seed(seed)
+    cfg = config(args.model, args.steps, output_dir, seed, args.bf16, args.overrides)
     problems = held_out(cfg, args.eval_size)
 
     began = time.perf_counter()
@@ -122,11 +117,11 @@ def main() -> None:
         after = accuracy(policy, tokenizer, problems, cfg, scorer)
     done = time.perf_counter()
 
-    png = plot(output_dir, before, after, args.steps, f"GRPO on {args.model}: arithmetic, reward = verify")
+    png = plot(output_dir, before, after, args.steps, f"GRPO on {args.model}, seed {seed}: arithmetic, reward = verify")
     train_curve = curves(output_dir)["reward/accuracy"]
     first, last = train_curve[: max(1, len(train_curve) // 5)], train_curve[-max(1, len(train_curve) // 5):]
     mean = lambda pts: sum(v for _, v in pts) / len(pts)  # noqa: E731
-    print(f"\nmodel {args.model}, seed {args.seed}, {args.steps} GRPO steps x {cfg.batch_size} prompts x "
+    print(f"\nmodel {args.model}, seed {seed}, {args.steps} GRPO steps x {cfg.batch_size} prompts x "
           f"{cfg.rollout.n} samples, {cfg.rollout.max_new_tokens} new tokens, lr {cfg.optim.lr}")
     print(f"{'':<34}{'before':>10}{'after':>10}{'after/before':>14}")
     print(f"{f'held-out accuracy ({len(problems)}, greedy)':<34}{before:>10.3f}{after:>10.3f}"
@@ -134,7 +129,31 @@ def main() -> None:
     print(f"{'train accuracy (first/last 20%)':<34}{mean(first):>10.3f}{mean(last):>10.3f}")
     print(f"wall time: {done - began:.0f} s (evaluate before {evaluated - began:.0f} s, train {trained - evaluated:.0f} s "
           f"= {(trained - evaluated) / args.steps:.1f} s/step, evaluate after {done - trained:.0f} s)")
-    print(f"plot: {png}")
+    print(f"plot: {png}", flush=True)
+    return {"seed": seed, "before": before, "after": after, "seconds": done - began}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="a conf/model name (default smollm2-135m)")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--eval-size", type=int, default=128, help="held-out problems")
+    parser.add_argument("--seed", type=int, default=0, help="one seed (see --seeds)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="several seeds, one run each (OUT/seed-S), and a summary")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast: about twice as fast on a CPU with AVX512-BF16, far slower on one without")
+    parser.add_argument("--out", default="outputs/learning")
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. optim.lr=5e-6")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.seeds:
+        run_seed(args, args.seed, Path(args.out))
+        return
+    results = [run_seed(args, seed, Path(args.out) / f"seed-{seed}") for seed in args.seeds]
+    print(f"\n{'seed':<6}{'before':>10}{'after':>10}{'gain':>10}{'seconds':>10}")
+    for r in results:
+        print(f"{r['seed']:<6}{r['before']:>10.3f}{r['after']:>10.3f}{r['after'] - r['before']:>+10.3f}{r['seconds']:>10.0f}")
+    print(f"smallest held-out gain over {len(results)} seeds: {min(r['after'] - r['before'] for r in results):+.3f}")
 
 
 if __name__ == "__main__":
