@@ -13,6 +13,10 @@ global token and sequence counts (all-reduced), so the all-reduced gradient is t
 batch and the first-step loss equals a one-process run's. Gradients are all-reduced once per update,
 on its last micro-batch.
 
+The ratio is per token, or with grpo.ratio_level=sequence (GSPO) the response's length-normalized ratio
+(rlvr.grpo.log_ratio). With grpo.mask_truncated the responses cut at max_new_tokens drop out of the loss
+and of its normalizers.
+
 An update whose loss or gradient is not finite is skipped: its gradients are dropped before the
 optimizer step, so neither the weights nor AdamW's moments see it. It is counted, and too many in a
 row stop the run. An update whose gradient is exactly zero (every group's rewards tie and no KL or
