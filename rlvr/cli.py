@@ -244,8 +244,9 @@ def _check_training_values(cfg: DictConfig) -> None:
         raise UserError(str(error)) from None
     buffer, limit = cfg.reward.overlong_buffer, cfg.rollout.max_new_tokens
     if buffer is not None and not 0 <= buffer < limit:
-        raise UserError(f"reward.overlong_buffer={buffer} must be at least 0 and less than rollout.max_new_tokens={limit} "
-                        "(the penalty ramps up over the last buffer tokens; DAPO uses a fifth of the limit)")
+        raise UserError(f"reward.overlong_buffer={buffer} must be at least 0 and less than "
+                        f"rollout.max_new_tokens={limit} (the penalty ramps up over the last buffer tokens; "
+                        "DAPO uses a fifth of the limit)")
     if cfg.reward.overlong_penalty < 0:
         raise UserError(f"reward.overlong_penalty={cfg.reward.overlong_penalty} must be >= 0 (it is subtracted)")
     if cfg.rollout.engine not in ("hf", "vllm"):
