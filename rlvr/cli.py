@@ -43,7 +43,17 @@ def shared_folder() -> Path:
 
 OmegaConf.register_new_resolver("shared", lambda relative="": str(shared_folder() / relative), replace=True)
 OmegaConf.register_new_resolver("instruction", reflection.instruction, replace=True)  # rlvr.reflection's
-GROUPS = ("model", "data", "mode", "gpu", "logger", "experiment")
+
+
+def _mini_batch(batch_size: int, updates: int) -> int:
+    """`${mini_batch:${batch_size},K}` (conf/algorithm/): prompts per mini-batch for at most K updates a
+    step, and as many as the batch allows: the smallest divisor of batch_size of at least batch_size / K."""
+    return next(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d * updates >= batch_size)
+
+
+OmegaConf.register_new_resolver("mini_batch", _mini_batch, replace=True)
+OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
+GROUPS = ("model", "data", "mode", "gpu", "logger", "experiment", "algorithm")
 NOISE = ("litlogger", "GPU available:", "TPU available:", "HPU available:", "LeafSpec")
 
 
@@ -232,6 +242,13 @@ def _check_training_values(cfg: DictConfig) -> None:
         weights_from_env((cfg.reward.alpha, cfg.reward.beta, cfg.reward.gamma))
     except (ValueError, TypeError) as error:  # updates_per_step: batch, mini-batch and processes divide
         raise UserError(str(error)) from None
+    buffer, limit = cfg.reward.overlong_buffer, cfg.rollout.max_new_tokens
+    if buffer is not None and not 0 <= buffer < limit:
+        raise UserError(f"reward.overlong_buffer={buffer} must be at least 0 and less than "
+                        f"rollout.max_new_tokens={limit} (the penalty ramps up over the last buffer tokens; "
+                        "DAPO uses a fifth of the limit)")
+    if cfg.reward.overlong_penalty < 0:
+        raise UserError(f"reward.overlong_penalty={cfg.reward.overlong_penalty} must be >= 0 (it is subtracted)")
     if cfg.rollout.engine not in ("hf", "vllm"):
         raise UserError(f"rollout.engine={cfg.rollout.engine!r}; choose hf or vllm")
 

@@ -7,6 +7,11 @@ evaluation alike, even when the question already asks for `\\boxed{}`.
 Data order is a pure function of (seed, step): step s takes batch s mod k of the permutation
 seeded by (seed, epoch), k = batches per epoch. The data module keeps the next step to read in its
 checkpoint state, so a resumed run continues with the very next batch.
+
+Dynamic sampling (grpo.dynamic_sampling) draws further prompts from a second stream, the refill
+stream: prompt j of it is a pure function of (seed, j), and the data module's state keeps the cursor j
+of the next one, so a resumed run refills with the very prompts the uninterrupted run would have.
+The step stream is untouched by it: step s takes the same batch with dynamic sampling or without.
 """
 
 from __future__ import annotations
@@ -251,6 +256,11 @@ def build_prompt(
 # ---------------------------------------------------------------------------------------------
 
 
+# The refill stream's permutation seeds, apart from the step stream's (an epoch 1.5e9 away; torch seeds its
+# CPU generator with the low 32 bits only, so an offset of 2**32 or more would be no offset at all).
+REFILL_SEED_OFFSET = 1_500_000_001
+
+
 class StepSampler(Sampler[list[tuple[int, int, int]]]):
     """Yields, from step `start` on, endlessly, this rank's share of each step's batch in a
     seed-determined order, as (step, place in the global batch, row) triples.
@@ -273,6 +283,18 @@ class StepSampler(Sampler[list[tuple[int, int, int]]]):
         epoch, k = divmod(step, self.batches_per_epoch)
         order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         return order[k * self.batch_size : (k + 1) * self.batch_size].tolist()
+
+    def refill(self, cursor: int, count: int) -> list[int]:
+        """Rows `cursor` .. `cursor + count - 1` of the refill stream: every row once per pass, in an
+        order seeded by (seed, pass) apart from the step stream's (no remainder dropped)."""
+        rows: list[int] = []
+        for j in range(cursor, cursor + count):
+            epoch, k = divmod(j, self.num_rows)
+            if k == 0 or not rows:
+                order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(
+                    self.seed * 100_003 + epoch + REFILL_SEED_OFFSET)).tolist()
+            rows.append(order[k])
+        return rows
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         share = self.batch_size // self.world
@@ -328,6 +350,7 @@ class PromptDataModule(L.LightningDataModule):
         self.system_prompt = system_prompt
         self.instruction = instruction
         self.next_step = 0
+        self.refill_cursor = 0  # the next prompt of the refill stream (dynamic sampling)
         self.dataset: PromptDataset | None = None
         self.dropped = 0
 
@@ -352,11 +375,22 @@ class PromptDataModule(L.LightningDataModule):
         assert self.dataset is not None, "call setup() first"
         return len(self.dataset) // self.batch_size
 
-    def train_dataloader(self) -> DataLoader:
+    def sampler(self, start: int = 0, rank: int = 0, world: int = 1) -> StepSampler:
         assert self.dataset is not None, "call setup() first"
+        return StepSampler(len(self.dataset), self.batch_size, self.seed, start=start, rank=rank, world=world)
+
+    def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = StepSampler(len(self.dataset), self.batch_size, self.seed, start=self.next_step, rank=rank, world=world)
-        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate)
+        return DataLoader(self.dataset, batch_sampler=self.sampler(self.next_step, rank, world), collate_fn=collate)
+
+    def refill(self, count: int, rank: int = 0, world: int = 1) -> dict[str, list]:
+        """Dynamic sampling's further prompts: `count` for each of `world` ranks, this rank's `count`
+        (its contiguous slice of the next count * world of the refill stream); every rank calls it
+        with the same count, so their cursors stay equal."""
+        rows = self.sampler().refill(self.refill_cursor + rank * count, count)
+        self.refill_cursor += count * world
+        return {"prompt_ids": [self.dataset.prompt_ids[i] for i in rows],
+                "answer": [self.dataset.examples[i].answer for i in rows]}
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # Called when a batch is taken for a step (after any prefetching), so this is the true position.
@@ -364,7 +398,9 @@ class PromptDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_step": self.next_step, "seed": self.seed, "batch_size": self.batch_size}
+        return {"next_step": self.next_step, "refill_cursor": self.refill_cursor, "seed": self.seed,
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_step = state["next_step"]
+        self.refill_cursor = state.get("refill_cursor", 0)  # absent from checkpoints that predate it

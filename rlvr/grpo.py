@@ -3,7 +3,11 @@
 Choices (after DeepSeekMath's GRPO with DAPO's decoupled clip and Dr. GRPO's options):
 - advantages are normalized within each group of n samples of one prompt: (r - mean) / (std + eps),
   or (r - mean) alone with `scale=False` (Dr. GRPO); a group whose rewards all tie gets zero;
-- the PPO-clipped surrogate with separate low/high clip ranges;
+- the PPO-clipped surrogate with separate low/high clip ranges, on each token's ratio (GRPO, DAPO) or on
+  the whole response's length-normalized ratio (GSPO, `ratio_level="sequence"`);
+- dynamic sampling (DAPO): which groups a step keeps once tied ones are dropped (`select_groups`), and
+  how many prompts to draw to replace them (`refill_size`); the rollout callback drives it;
+- truncated responses optionally masked out of the loss (`kept_rows`, DAPO's overlong filtering);
 - KL to a frozen reference with the k3 ("low_var_kl") estimator, as a loss term;
 - truncated importance sampling (min(pi_old / pi_engine, cap) per token) for the gap between the
   engine that sampled and the trainer's numerics;
@@ -20,6 +24,7 @@ Shapes: B sequences, T response tokens, V vocabulary. Masks are 1.0 on response 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -29,6 +34,12 @@ from torch.utils.checkpoint import checkpoint
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LOSS_AGGS = get_args(LossAgg)
+RatioLevel = Literal["token", "sequence"]
+RATIO_LEVELS = get_args(RatioLevel)
+# (clip_low, clip_high) when grpo.clip_low / clip_high are null. Token: PPO's and GRPO's 0.2. Sequence:
+# GSPO's (Zheng et al. 2025, arXiv:2507.18071, sec. 5.1: "the left and right clipping ranges ... 3e-4 and
+# 4e-4"): a sequence's ratio is a geometric mean over its tokens, so it moves far less than one token's.
+CLIP_DEFAULTS: dict[str, tuple[float, float]] = {"token": (0.2, 0.2), "sequence": (3e-4, 4e-4)}
 
 
 def group_advantages(rewards: torch.Tensor, n: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -46,6 +57,40 @@ def tied_groups(rewards: torch.Tensor, n: int) -> torch.Tensor:
     """(B,) -> (G,) bool: groups whose rewards all tie, which give GRPO no gradient."""
     groups = rewards.view(-1, n)  # (G, n)
     return (groups == groups[:, :1]).all(dim=1)
+
+
+def select_groups(tied: torch.Tensor, size: int) -> tuple[list[int], int]:
+    """Dynamic sampling's choice: (G,) bool tied flags of the groups drawn so far, in draw order ->
+    the `size` groups the step trains on (sorted, in draw order) and how many of them are tied.
+
+    Informative groups first, the earliest drawn; when there are fewer than `size`, tied groups (the
+    earliest) fill the rest, so that the step keeps its shape.
+    """
+    informative = (~tied).nonzero().flatten().tolist()
+    filler = tied.nonzero().flatten().tolist()
+    chosen = informative[:size] + filler[: max(0, size - len(informative))]
+    if len(chosen) < size:
+        raise ValueError(f"{len(tied)} groups drawn, fewer than the {size} a step trains on")
+    return sorted(chosen), max(0, size - len(informative))
+
+
+def refill_size(informative: int, drawn: int, size: int) -> int:
+    """Prompts to draw next so that `size` informative groups are likely, from the share found so
+    far (`informative` of `drawn`): the deficit divided by that share, at most `size`; `size` when none
+    was informative, 0 when the step is full."""
+    deficit = size - informative
+    if deficit <= 0:
+        return 0
+    if informative == 0:
+        return size
+    return min(size, math.ceil(deficit * drawn / informative))
+
+
+def kept_rows(truncated: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
+    """(B,) bool truncated flags -> (B,) float 1.0 on rows that count in the loss and its normalizers:
+    all of them, or with `mask_truncated` only the responses that ended (DAPO's overlong filtering:
+    a cut-off response is not judged on an answer it had no room to give)."""
+    return (~truncated).float() if mask_truncated else torch.ones_like(truncated, dtype=torch.float32)
 
 
 def token_logprobs_and_entropy(
@@ -136,13 +181,33 @@ def aggregate(
     if mode == "token-mean":
         tokens = mask.sum().clamp(min=1) if num_tokens is None else max(num_tokens, 1.0)
         return masked.sum() / tokens
-    seqs = values.shape[0] if num_seqs is None else num_seqs
+    seqs = values.shape[0] if num_seqs is None else max(num_seqs, 1.0)  # every row masked: a zero loss
     if mode == "seq-mean-token-mean":
         per_seq = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B,)
         return per_seq.sum() / seqs
     if mode == "seq-mean-token-sum-norm":
         return masked.sum() / (seqs * (values.shape[1] if horizon is None else horizon))
     raise ValueError(f"unknown loss aggregation {mode!r}; choose token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
+
+
+def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor | None = None,
+              level: RatioLevel = "token") -> torch.Tensor:
+    """(B, T) log importance ratios log(pi / pi_old).
+
+    token: each token's own. sequence (GSPO): every token of a response carries the response's
+    length-normalized log-ratio mean_t(logp - old) as its value, with the gradient of its own logp
+    (logp - sg(logp) + sg(mean)): exp of it is s_i * pi_t / sg(pi_t), GSPO-token's form, whose value
+    is the sequence ratio s_i and whose gradient is s_i * grad(logp_t); averaged over the response's
+    tokens (loss_agg=seq-mean-token-mean) that is exactly GSPO's gradient of s_i.
+    """
+    delta = logp - old_logp  # (B, T)
+    if level == "token":
+        return delta
+    if level != "sequence":
+        raise ValueError(f"grpo.ratio_level={level!r}; choose token or sequence")
+    mask = torch.ones_like(delta) if mask is None else mask
+    per_seq = (delta * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B,)
+    return logp - logp.detach() + per_seq.detach()[:, None]  # (B, T)
 
 
 def clipped_policy_loss(
@@ -152,13 +217,17 @@ def clipped_policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    level: RatioLevel = "token",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token -> ((B, T) loss, (B, T) bool where clipping was active).
 
     advantages: (B,) per sequence, broadcast over its tokens. weights: (B, T) per-token factors
-    (truncated importance sampling), applied after the clip.
+    (truncated importance sampling), applied after the clip. level: the ratio clipped (`log_ratio`);
+    at "sequence" a response is clipped as a whole (`mask` marks its tokens), so every one of its
+    tokens is clipped or none.
     """
-    ratio = (logp - old_logp).exp()  # (B, T)
+    ratio = log_ratio(logp, old_logp, mask, level).exp()  # (B, T)
     adv = advantages[:, None]  # (B, 1)
     unclipped = -adv * ratio  # (B, T)
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
@@ -223,8 +292,12 @@ class GRPOConfig:
     mini_batch_size: int | None = None  # prompts per update; None = the whole batch, one update
     micro_batch_size: int = 8  # sequences per forward/backward
     micro_batch_tokens: int | None = None  # padded tokens per forward/backward, rows sorted by length; wins when set
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    clip_low: float | None = None  # None: CLIP_DEFAULTS[ratio_level]
+    clip_high: float | None = None
+    ratio_level: RatioLevel = "token"  # sequence: GSPO's length-normalized ratio of the whole response
+    mask_truncated: bool = False  # truncated responses contribute no loss (nor count in the normalizers)
+    dynamic_sampling: bool = False  # drop tied groups and refill (callbacks.rollout); the step is unchanged
+    max_sampling_rounds: int = 3  # generation rounds per step with dynamic sampling, the first included
     kl_coef: float = 0.001
     entropy_coef: float = 0.001
     loss_agg: LossAgg = "token-mean"
@@ -244,13 +317,20 @@ class GRPOConfig:
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
 
     def __post_init__(self) -> None:
-        """Reject settings that cannot train, naming the config key and the reason."""
+        """Reject settings that cannot train, naming the config key and the reason; fill the clip ranges
+        left null with the ratio level's defaults."""
+        if self.ratio_level not in RATIO_LEVELS:
+            raise ValueError(f"grpo.ratio_level={self.ratio_level!r}; choose one of {list(RATIO_LEVELS)}")
+        low, high = CLIP_DEFAULTS[self.ratio_level]
+        self.clip_low = low if self.clip_low is None else self.clip_low
+        self.clip_high = high if self.clip_high is None else self.clip_high
         if self.n < 2:
             raise ValueError(f"rollout.n={self.n}: GRPO compares samples within a group, so it needs n >= 2")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature={self.temperature}: training needs sampling (> 0); greedy "
                              "samples of a group are identical and give no signal")
-        for key in ("ppo_epochs", "micro_batch_size", "max_new_tokens", "max_consecutive_skips", "logprob_chunk_tokens"):
+        for key in ("ppo_epochs", "micro_batch_size", "max_new_tokens", "max_consecutive_skips", "logprob_chunk_tokens",
+                    "max_sampling_rounds"):
             if getattr(self, key) < 1:
                 raise ValueError(f"grpo.{key}={getattr(self, key)} must be at least 1")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:

@@ -15,6 +15,10 @@ on its last micro-batch. Micro-batches cut by a token budget (`grpo.micro_batch_
 differently on each rank; every rank then runs the largest count, the missing ones as empty
 micro-batches (a masked forward and backward), so that FSDP2's collectives pair up.
 
+The ratio is per token, or with grpo.ratio_level=sequence (GSPO) the response's length-normalized ratio
+(rlvr.grpo.log_ratio). With grpo.mask_truncated the responses cut at max_new_tokens drop out of the loss
+and of its normalizers.
+
 An update whose loss or gradient is not finite is skipped: its gradients are dropped before the
 optimizer step, so neither the weights nor AdamW's moments see it. It is counted, and too many in a
 row stop the run. An update whose gradient is exactly zero (every group's rewards tie and no KL or
@@ -114,6 +118,7 @@ class GRPOModule(L.LightningModule):
         self._reference = _Frozen(reference_copy(policy, config.reference_dtype)) if config.kl_coef > 0 else None
         # dist_sync_on_step: the logged reward is the mean over every rank's rollouts
         self.reward_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric(dist_sync_on_step=True) for k in REWARD_KEYS})
+        self.overlong_metric = torchmetrics.MeanMetric(dist_sync_on_step=True)  # logged only when it is on
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, in all
         self.consecutive_skips = 0
         self.no_signal_updates = 0  # updates skipped for a gradient that is exactly zero, in all
@@ -218,8 +223,10 @@ class GRPOModule(L.LightningModule):
         for _ in range(c.ppo_epochs):
             for m, mini in enumerate(minis):
                 # Global counts over the ranks, divided by world: DDP averages the ranks' gradients.
-                local = torch.tensor([sum(float(rollout.response_mask[rows].sum()) for rows in mini),
-                                      sum(len(rows) for rows in mini)], dtype=torch.float64, device=device)
+                local = torch.tensor([sum(float((rollout.response_mask[rows] * self._kept(rollout, rows)[:, None]).sum())
+                                          for rows in mini),
+                                      sum(float(self._kept(rollout, rows).sum()) for rows in mini)],
+                                     dtype=torch.float64, device=device)
                 num_tokens, num_seqs = (self.trainer.strategy.reduce(local, reduce_op="sum") / world).tolist()
                 optimizer.zero_grad()
                 update_loss = 0.0
@@ -334,9 +341,12 @@ class GRPOModule(L.LightningModule):
         old = logp.detach() if old_logp is None else old_logp
         engine_logp = rollout.engine_logprobs[rows, : mask.shape[1]]  # (b, r)
         tis = grpo.tis_weights(old, engine_logp, c.tis_cap)
+        mask = mask * self._kept(rollout, rows)[:, None]  # grpo.mask_truncated: cut-off rows drop out
         gap = (old - engine_logp).abs() * mask  # the engine's numerics against the trainer's, before any update
+        num_tokens = max(num_tokens, 1.0)  # every row masked: a zero loss, and stats of 0
         agg = dict(mode=c.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=c.max_new_tokens)
-        pg_tok, clipped = grpo.clipped_policy_loss(logp, old, advantages[rows], c.clip_low, c.clip_high, weights=tis)
+        pg_tok, clipped = grpo.clipped_policy_loss(logp, old, advantages[rows], c.clip_low, c.clip_high, weights=tis,
+                                                   mask=mask, level=c.ratio_level)
         pg_loss = grpo.aggregate(pg_tok, mask, **agg)
         loss = pg_loss
         if c.entropy_coef:
@@ -350,6 +360,10 @@ class GRPOModule(L.LightningModule):
         return {"loss": float(loss.detach()), "pg_loss": float(pg_loss.detach()), "pg_clipfrac": token_mean(clipped),
                 "kl": token_mean(kl_tok), "entropy": token_mean(entropy), "tis_weight": token_mean(tis),
                 "logprob_gap_mean": token_mean(gap), "logprob_gap_max": float(gap.max())}
+
+    def _kept(self, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """(b,) 1.0 on the rows that count in the loss (grpo.mask_truncated drops the cut-off ones)."""
+        return grpo.kept_rows(rollout.truncated[rows.cpu()], self.config.mask_truncated).to(rows.device)
 
     def _log_step(self, sums: dict[str, float], rollout: Rollout, rewards: torch.Tensor) -> None:
         """Every value is over all ranks: means, or sums and maxima where those are meant."""
@@ -373,5 +387,8 @@ class GRPOModule(L.LightningModule):
         for key, metric in self.reward_metrics.items():
             metric(values[key].to(self.device))  # a torchmetric syncs itself
             self.log(f"reward/{key}", metric, prog_bar=key == "total", **{**log, "sync_dist": False})
+        if r.overlong is not None:  # reward.overlong_buffer: DAPO's length penalty, a part of the total
+            self.overlong_metric(r.overlong.to(self.device))
+            self.log("reward/overlong", self.overlong_metric, **{**log, "sync_dist": False})
         self.log("reward/timeouts", float(r.timeouts), **{**log, "reduce_fx": "sum"})
         self.log("reward/format_verify_corr", pearson(r.format, r.verify), **log)

@@ -32,6 +32,7 @@ import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -198,6 +199,7 @@ class RewardBatch:
     reflect: torch.Tensor
     total: torch.Tensor
     timeouts: int
+    overlong: torch.Tensor | None = None  # DAPO's length shaping (`with_overlong`), already in total; None: off
 
     @property
     def correct(self) -> torch.Tensor:
@@ -207,6 +209,22 @@ class RewardBatch:
     @property
     def accuracy(self) -> float:
         return float(self.correct.mean()) if len(self.verify) else 0.0
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, sec. 3.4): (N,) response
+    lengths in tokens -> (N,) rewards <= 0. Zero up to max_new_tokens - buffer, then falling linearly
+    to -penalty at max_new_tokens (a response cut there gets the whole penalty)."""
+    start = max_new_tokens - buffer
+    return -penalty * ((lengths.float() - start) / buffer).clamp(0.0, 1.0)
+
+
+def with_overlong(rewards: RewardBatch, lengths: torch.Tensor, max_new_tokens: int, buffer: int,
+                  penalty: float) -> RewardBatch:
+    """The batch with the overlong signal added to its total: shaping the text scorer cannot do (it
+    sees no token counts), and training applies it while evaluation does not."""
+    shaped = overlong_penalty(lengths, max_new_tokens, buffer, penalty)
+    return dataclasses.replace(rewards, total=rewards.total + shaped, overlong=shaped)
 
 
 class _Timeout(BaseException):

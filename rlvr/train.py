@@ -152,7 +152,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
         callbacks=[
             *(extra_callbacks or []),
             RolloutCallback(engine, scorer, tokenizer, sampling, seed=cfg.seed,  # pushes weights; keep it first
-                            push_dtype=getattr(torch, engine_options.dtype)),
+                            push_dtype=getattr(torch, engine_options.dtype),
+                            dynamic_sampling=cfg.grpo.dynamic_sampling, max_sampling_rounds=cfg.grpo.max_sampling_rounds,
+                            overlong_buffer=cfg.reward.overlong_buffer, overlong_penalty=cfg.reward.overlong_penalty),
             *([validation(cfg, engine, scorer, tokenizer, steps)] if cfg.validation.benchmarks else []),
             *([SamplesCallback(output_dir / "samples.jsonl", cfg.samples.every, cfg.samples.count)]
               if cfg.samples.every else []),

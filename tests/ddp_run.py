@@ -9,6 +9,8 @@ FSDP2) and of its engine's weights. Lightning's launcher starts the other ranks 
 command; `trainer.strategy=fsdp2` shards the tiny model (a Qwen2 too) as the h100x8 profile does.
 With DDP_RUN_TIED_AFTER_FIRST=1 every step after the first gets rewards that all tie (no signal), and
 each step's record carries digests of the weights and of the optimizer state.
+With DDP_RUN_TIE_EVEN=1 the groups of problems with an even answer tie (for dynamic sampling),
+and each step's record carries the data module's refill cursor.
 """
 
 import hashlib
@@ -28,8 +30,12 @@ from rlvr.rewards import RewardBatch
 
 
 class DigitsReward:
-    def __init__(self, tied_after_first: bool = False) -> None:
+    """tie_even: a response to a problem with an even answer earns 1 whatever it says, so those groups
+    tie (about half of the arithmetic problems): dynamic sampling then has groups to drop and refill."""
+
+    def __init__(self, tied_after_first: bool = False, tie_even: bool = False) -> None:
         self.tied_after_first = tied_after_first
+        self.tie_even = tie_even
         self.calls = 0
 
     def __call__(self, texts, truths) -> RewardBatch:
@@ -37,6 +43,8 @@ class DigitsReward:
         t = torch.tensor([sum(c.isdigit() for c in text) / max(len(text), 1) for text in texts])
         if self.tied_after_first and self.calls > 1:
             t = torch.ones_like(t)
+        if self.tie_even:
+            t = torch.where(torch.tensor([int(truth) % 2 == 0 for truth in truths]), 1.0, t)
         return RewardBatch(t, torch.zeros_like(t), torch.zeros_like(t), t, 0)
 
     def close(self) -> None:
@@ -56,7 +64,8 @@ class Recorder(L.Callback):
         record = {"step": batch["step"], "position": batch["position"],
                   "rewards": batch["samples"]["rewards"]["total"].tolist(),
                   "lengths": batch["rollout"].attention_mask.sum(dim=1).tolist(),
-                  "micro_batches": len(pl_module._micro_batches(batch["rollout"], 0, rows))}
+                  "micro_batches": len(pl_module._micro_batches(batch["rollout"], 0, rows)),
+                  "refill_cursor": trainer.datamodule.refill_cursor}
         if TIED_AFTER_FIRST:
             state = trainer.optimizers[0].state_dict()["state"]
             record["step_weights"] = digest({n: w.clone() for n, w in policy_weights(pl_module)})
@@ -80,10 +89,11 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
 
 
 TIED_AFTER_FIRST = os.environ.get("DDP_RUN_TIED_AFTER_FIRST") == "1"
+TIE_EVEN = os.environ.get("DDP_RUN_TIE_EVEN") == "1"
 
 if __name__ == "__main__":
     folder = Path(sys.argv[1])
     with initialize_config_dir(config_dir=train_module.CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=sys.argv[2:])
-    train_module.reward_scorer = lambda cfg: DigitsReward(TIED_AFTER_FIRST)
+    train_module.reward_scorer = lambda cfg: DigitsReward(TIED_AFTER_FIRST, TIE_EVEN)
     train_module.train(cfg, extra_callbacks=[Recorder(folder)])

@@ -1,6 +1,6 @@
 """Run training and SIGKILL it at a chosen point (tests/test_faults.py drives this).
 
-    python tests/kill_at.py POINT STEP [--digits-reward] key=value ...
+    python tests/kill_at.py POINT STEP [--digits-reward | --tie-even-reward] key=value ...
 
 POINT is where, during GRPO step STEP (0-based), the process kills itself:
   generate    after the engine has generated a chunk of the step's rollouts
@@ -9,7 +9,8 @@ POINT is where, during GRPO step STEP (0-based), the process kills itself:
   interrupt   not a kill: Ctrl-C (SIGINT to the whole process group, reward workers included) as
               the step's rollout starts
 --digits-reward scores with tests/ddp_run.py's reward (the share of digits), which the tiny model earns
-unevenly, so that a run killed here compares with a ddp_run.py run.
+unevenly, so that a run killed here compares with a ddp_run.py run; --tie-even-reward the same with the
+groups of even answers tied (DigitsReward(tie_even=True)), for dynamic sampling.
 """
 
 import os
@@ -35,12 +36,13 @@ def current_step(pl_module) -> int:
 # Everything below runs only in the trainer: the reward workers are spawned and import this file again.
 if __name__ == "__main__":
     point, step = sys.argv[1], int(sys.argv[2])
-    if "--digits-reward" in sys.argv:
+    if "--digits-reward" in sys.argv or "--tie-even-reward" in sys.argv:
         from ddp_run import DigitsReward
         from rlvr import train as train_module
 
-        train_module.reward_scorer = lambda cfg: DigitsReward()
-    sys.argv = [sys.argv[0], *(a for a in sys.argv[3:] if a != "--digits-reward")]
+        tie_even = "--tie-even-reward" in sys.argv
+        train_module.reward_scorer = lambda cfg: DigitsReward(tie_even=tie_even)
+    sys.argv = [sys.argv[0], *(a for a in sys.argv[3:] if a not in ("--digits-reward", "--tie-even-reward"))]
 
     if point == "generate":
         original_rollout = RolloutCallback.on_train_batch_start

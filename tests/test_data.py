@@ -150,3 +150,31 @@ def test_dsr_sub_names_its_unlabeled_row_and_can_drop_it():
 def test_an_unknown_one_shot_set_lists_the_choices():
     with pytest.raises(ValueError, match="data.example='pi7'.*pi1_pi13"):
         one_shot(example="pi7")
+
+
+def test_the_refill_stream_is_a_function_of_seed_and_cursor_and_each_pass_holds_every_row():
+    sampler = StepSampler(num_rows=10, batch_size=3, seed=7)
+    stream = sampler.refill(0, 25)  # two and a half passes
+    assert sampler.refill(0, 12) + sampler.refill(12, 13) == stream  # where it is cut does not matter
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # each pass in its own order
+    assert StepSampler(num_rows=10, batch_size=3, seed=8).refill(0, 25) != stream
+    assert stream[:9] != sampler.batch(0) + sampler.batch(1) + sampler.batch(2)  # not the step stream's order
+
+
+def test_the_datamodules_refill_cursor_is_shared_by_the_ranks_and_travels_in_its_state():
+    examples = load_examples("arithmetic", size=40)
+    ranks = [PromptDataModule(examples, tiny_tokenizer(), batch_size=4) for _ in range(2)]
+    for dm in ranks:
+        dm.setup()
+    whole = PromptDataModule(examples, tiny_tokenizer(), batch_size=4)
+    whole.setup()
+    one = whole.refill(6)
+    shares = [dm.refill(3, rank=r, world=2) for r, dm in enumerate(ranks)]  # each rank its slice of the same 6
+    assert shares[0]["answer"] + shares[1]["answer"] == one["answer"]
+    assert shares[0]["prompt_ids"] + shares[1]["prompt_ids"] == one["prompt_ids"]
+    assert [dm.refill_cursor for dm in ranks] == [6, 6] and whole.refill_cursor == 6
+    resumed = PromptDataModule(examples, tiny_tokenizer(), batch_size=4)
+    resumed.setup()
+    resumed.load_state_dict(whole.state_dict())
+    assert resumed.refill(5) == whole.refill(5)

@@ -203,3 +203,95 @@ def test_token_budget_micro_batches_stay_within_the_budget_and_the_padding_bound
 def test_config_rejects_a_non_positive_token_budget():
     with pytest.raises(ValueError, match="grpo.micro_batch_tokens=0"):
         grpo.GRPOConfig(micro_batch_tokens=0)
+
+
+# -- dynamic sampling: which groups a step keeps, how many prompts to draw --------------------------
+
+
+def test_select_groups_keeps_informative_groups_first_then_fills_with_tied_ones():
+    # n = 2: groups (1, 1) tie, (0, 1) not, (0, 0) tie, (1, 0) not, (1, 0.5) not
+    tied = grpo.tied_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.5]), n=2)
+    assert tied.tolist() == [True, False, True, False, False]
+    assert grpo.select_groups(tied, 3) == ([1, 3, 4], 0)  # enough informative groups: no tied one
+    assert grpo.select_groups(tied, 2) == ([1, 3], 0)  # the earliest drawn
+    assert grpo.select_groups(tied, 4) == ([0, 1, 3, 4], 1)  # one short: the first tied group fills in, in draw order
+    assert grpo.select_groups(torch.tensor([True, True]), 2) == ([0, 1], 2)
+    with pytest.raises(ValueError, match="fewer than the 3"):
+        grpo.select_groups(torch.tensor([True, False]), 3)
+
+
+def test_refill_size_divides_the_deficit_by_the_informative_share():
+    assert grpo.refill_size(informative=3, drawn=4, size=4) == 2  # ceil(1 / (3/4)) = ceil(1.33)
+    assert grpo.refill_size(informative=2, drawn=4, size=4) == 4  # 2 / (1/2)
+    assert grpo.refill_size(informative=1, drawn=8, size=4) == 4  # 3 / (1/8) = 24, at most the share
+    assert grpo.refill_size(informative=0, drawn=4, size=4) == 4  # nothing informative yet: a whole share
+    assert grpo.refill_size(informative=5, drawn=6, size=4) == 0  # full
+
+
+# -- truncated rows masked out of the loss -------------------------------------------------------
+
+
+def test_a_truncated_row_is_masked_out_and_the_normalizers_count_only_what_remains():
+    kept = grpo.kept_rows(torch.tensor([False, True]), mask_truncated=True)  # row 2 was cut off
+    assert kept.tolist() == [1.0, 0.0]
+    assert grpo.kept_rows(torch.tensor([False, True]), mask_truncated=False).tolist() == [1.0, 1.0]
+    mask = MASK * kept[:, None]
+    totals = dict(num_tokens=float(mask.sum()), num_seqs=float(kept.sum()), horizon=5)  # 3 tokens, 1 sequence
+    # token-mean: (1 + 2 + 3) / 3 = 2 (2.5 with the row); seq-mean-token-mean: 2 / 1 = 2 (3 with it);
+    # seq-mean-token-sum-norm: 6 / (1 * 5) = 1.2 (1.0 with it)
+    assert grpo.aggregate(VALUES, mask, "token-mean", **totals).item() == pytest.approx(2.0)
+    assert grpo.aggregate(VALUES, mask, "seq-mean-token-mean", **totals).item() == pytest.approx(2.0)
+    assert grpo.aggregate(VALUES, mask, "seq-mean-token-sum-norm", **totals).item() == pytest.approx(1.2)
+    none_left = dict(num_tokens=0.0, num_seqs=0.0, horizon=5)  # every row cut off: a zero loss, not NaN
+    for mode in grpo.LOSS_AGGS:
+        assert grpo.aggregate(VALUES, torch.zeros_like(MASK), mode, **none_left).item() == 0.0
+
+
+# -- GSPO: the sequence-level ratio ----------------------------------------------------------------
+
+
+def test_sequence_ratio_is_the_responses_mean_log_ratio_clipped_per_response_on_both_sides():
+    # row 1: log-ratios 0.1, 0.3 (then padding) -> mean 0.2, s = e^0.2 = 1.2214; A = +1, clip_high 0.1:
+    #        max(-1.2214, -1.1) = -1.1 on both tokens, clipped
+    # row 2: -0.4, -0.2, -0.3 -> mean -0.3, s = e^-0.3 = 0.7408; A = -1, clip_low 0.1: max(0.7408, 0.9) = 0.9, clipped
+    # row 3: 0.1, -0.05 -> mean 0.025, s = e^0.025 = 1.0253; A = +1: -1.0253, inside the range
+    delta = torch.tensor([[0.1, 0.3, 5.0], [-0.4, -0.2, -0.3], [0.1, -0.05, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    logp = (torch.full((3, 3), -1.0) + delta).requires_grad_(True)
+    loss, clipped = grpo.clipped_policy_loss(logp, torch.full((3, 3), -1.0), torch.tensor([1.0, -1.0, 1.0]),
+                                             clip_low=0.1, clip_high=0.1, mask=mask, level="sequence")
+    expected = torch.tensor([[-1.1, -1.1, 0.0], [0.9, 0.9, 0.9], [-math.exp(0.025)] * 2 + [0.0]])
+    assert torch.allclose(loss * mask, expected)
+    assert (clipped & (mask > 0)).tolist() == [[True, True, False], [True, True, True], [False, False, False]]
+    (loss * mask).sum().backward()
+    # clipped rows have no gradient; row 3's token t gets -A * s (d s_t / d logp_t = s with the detached mean)
+    assert torch.allclose(logp.grad, torch.tensor([[0.0] * 3, [0.0] * 3, [-math.exp(0.025)] * 2 + [0.0]]))
+
+
+@pytest.mark.parametrize("clip", [0.1, 0.2])  # e^0.15 = 1.16: clipped at 0.1, not at 0.2
+def test_gspo_equals_token_level_grpo_when_every_tokens_ratio_is_the_same(clip):
+    torch.manual_seed(0)
+    old = torch.randn(4, 5)
+    mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2, [1.0] * 5, [1.0, 0.0, 0.0, 0.0, 0.0]])
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.0])
+    results = []
+    for level in ("token", "sequence"):
+        logp = (old + 0.15).requires_grad_(True)
+        loss, clipped = grpo.clipped_policy_loss(logp, old, advantages, clip, clip, mask=mask, level=level)
+        grpo.aggregate(loss, mask, "seq-mean-token-mean").backward()
+        results.append((loss * mask, clipped & (mask > 0), logp.grad))
+    (token_loss, token_clipped, token_grad), (seq_loss, seq_clipped, seq_grad) = results
+    assert torch.allclose(token_loss, seq_loss) and torch.equal(token_clipped, seq_clipped)
+    assert torch.allclose(token_grad, seq_grad)
+    # ratio 1.16 for every token: above 1 + 0.1, so the rows with A > 0 are clipped (no gradient) at 0.1
+    assert token_clipped.any(dim=1).tolist() == ([True, False, True, False] if clip == 0.1 else [False] * 4)
+    assert (token_grad.abs().sum(dim=1) > 0).tolist() == ([False, True, False, True] if clip == 0.1 else [True] * 4)
+
+
+def test_clip_ranges_default_to_the_ratio_levels_own():
+    assert (grpo.GRPOConfig().clip_low, grpo.GRPOConfig().clip_high) == (0.2, 0.2)
+    gspo = grpo.GRPOConfig(ratio_level="sequence")
+    assert (gspo.clip_low, gspo.clip_high) == (3e-4, 4e-4)
+    assert grpo.GRPOConfig(ratio_level="sequence", clip_high=0.01).clip_high == 0.01  # an explicit value wins
+    with pytest.raises(ValueError, match="grpo.ratio_level='seq'; choose one of"):
+        grpo.GRPOConfig(ratio_level="seq")

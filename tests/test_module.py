@@ -437,3 +437,31 @@ def test_a_step_with_no_signal_moves_no_weight_and_no_optimizer_state(tokenizer)
         assert state.keys() == s0.keys()
         for key in s0:
             assert all(torch.equal(torch.as_tensor(state[key][k]), torch.as_tensor(s0[key][k])) for k in s0[key])
+
+
+def _grad(policy, config, rollout, advantages, num_tokens, num_seqs):
+    module = GRPOModule(policy, config, batch_size=2)
+    module.manual_backward = lambda loss: loss.backward()
+    policy.zero_grad()
+    module._micro_step(rollout, torch.arange(rollout.input_ids.shape[0]), advantages, None, None, num_tokens, num_seqs)
+    return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_masked_truncated_rows_train_as_if_they_were_not_there(tokenizer, loss_agg):
+    """Rows 1 and 3 run to the limit without EOS; with grpo.mask_truncated their gradient is that of a
+    batch without them, whose normalizers count 5 tokens and 2 sequences (not 9 and 4)."""
+    eos = tokenizer.eos_token_id
+    prompts, completions = [[10, 11], [12, 13, 14]], [[20, 21, eos], [30, 31, 32], [40, eos], [50, 51, 52]]
+    policy = make_policy(tokenizer)
+    config = dict(kl_coef=0.0, entropy_coef=0.01, loss_agg=loss_agg, max_new_tokens=3, tis_cap=None)
+    rollout = pack_rollout(prompts, generated(completions), 2, tokenizer.pad_token_id, [eos], rewards_for([0] * 4))
+    assert rollout.truncated.tolist() == [False, True, False, True]
+    masked = _grad(policy, GRPOConfig(n=2, mask_truncated=True, **config), rollout,
+                   torch.tensor([1.0, -1.0, -0.5, 0.5]), num_tokens=5.0, num_seqs=2.0)
+    kept = pack_rollout(prompts, generated([completions[0], completions[2]]), 1, tokenizer.pad_token_id, [eos],
+                        rewards_for([0, 0]))
+    without = _grad(policy, GRPOConfig(n=2, **config), kept, torch.tensor([1.0, -0.5]), num_tokens=5.0, num_seqs=2.0)
+    assert masked.abs().sum() > 0 and torch.allclose(masked, without, atol=1e-6)
+    unmasked = _grad(policy, GRPOConfig(n=2, **config), rollout, torch.tensor([1.0, -1.0, -0.5, 0.5]), 9.0, 4.0)
+    assert not torch.allclose(unmasked, without, atol=1e-6)  # without the mask the cut-off rows do count

@@ -14,6 +14,7 @@ import torch
 from rlvr.answers import answer_box, ground_truth_answer, last_boxed, normalize, too_costly
 from rlvr.reflection import reflection_verdict
 from rlvr.rewards import (
+    RewardBatch,
     RewardScorer,
     format_signal,
     pearson,
@@ -22,6 +23,8 @@ from rlvr.rewards import (
     score_batch,
     verify_signal,
     weights_from_env,
+    with_overlong,
+    overlong_penalty,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -482,3 +485,17 @@ def test_a_solution_scored_against_another_problem_almost_never_passes(scorer, p
     for i in passed:
         own = rows[i][answer]
         assert verify_signal(f"\\boxed{{{ground_truth_answer(own)}}}", shifted[i]) == 1.0
+
+
+def test_the_overlong_penalty_is_zero_to_the_buffers_start_then_linear_to_the_limit():
+    # limit 100, buffer 20: 0 up to 80 tokens, -0.25 * 2 at 85, -0.5 * 2 at 90, the whole -2 at 100
+    lengths = torch.tensor([10, 80, 85, 90, 100])
+    assert overlong_penalty(lengths, max_new_tokens=100, buffer=20, penalty=2.0).tolist() == [0.0, 0.0, -0.5, -1.0, -2.0]
+
+
+def test_the_overlong_signal_joins_the_total_and_stays_apart_from_the_named_ones():
+    t = torch.tensor([1.0, 1.5])
+    batch = RewardBatch(t, t * 0, t * 0, t, 0)
+    shaped = with_overlong(batch, torch.tensor([50, 100]), max_new_tokens=100, buffer=20, penalty=1.0)
+    assert shaped.total.tolist() == [1.0, 0.5] and shaped.overlong.tolist() == [0.0, -1.0]
+    assert shaped.verify.tolist() == [1.0, 1.5] and batch.overlong is None  # the parts are untouched
