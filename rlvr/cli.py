@@ -43,7 +43,7 @@ def shared_folder() -> Path:
 
 OmegaConf.register_new_resolver("shared", lambda relative="": str(shared_folder() / relative), replace=True)
 OmegaConf.register_new_resolver("instruction", reflection.instruction, replace=True)  # rlvr.reflection's
-GROUPS = ("model", "data", "mode", "gpu", "logger", "experiment")
+GROUPS = ("model", "data", "mode", "gpu", "logger", "adapter", "experiment")
 NOISE = ("litlogger", "GPU available:", "TPU available:", "HPU available:", "LeafSpec")
 
 
@@ -174,6 +174,7 @@ def check_config(cfg: DictConfig, profile: str | None = None) -> None:
                         "use trainer.strategy=fsdp2")
     _check_training_values(cfg)
     check_engine(cfg.rollout.engine)
+    check_adapter(cfg)
     if cfg.optim.name != "adamw" or cfg.optim.bf16_stochastic_round:
         if importlib.util.find_spec("torchao") is None:
             raise UserError(f'optim.name={cfg.optim.name} needs torchao: pip install -e ".[lean]"')
@@ -204,6 +205,18 @@ def check_engine(engine: str) -> None:
 
         if not vllm_engine.available():
             raise UserError(vllm_engine.MISSING)
+
+
+def check_adapter(cfg: DictConfig) -> None:
+    from rlvr.adapters import AdapterSpec, check
+
+    try:
+        spec = AdapterSpec.from_config(OmegaConf.to_container(cfg.adapter, resolve=True))
+    except TypeError as error:  # a key no AdapterSpec has
+        raise UserError(f"adapter: {error}") from None
+    problem = check(spec, cfg.trainer.strategy)
+    if problem:
+        raise UserError(problem)
 
 
 def check_benchmarks(key: str, names: Any, sources: Any) -> None:
