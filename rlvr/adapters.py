@@ -105,6 +105,10 @@ def quantize_nf4(model: nn.Module) -> nn.Module:
                                              blocksize=NF4_BLOCKSIZE)
         if linear.bias is not None:
             quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        # On an AVX512-BF16 CPU, bitsandbytes repacks the weight for inference at the first eval-mode
+        # forward, for good: the training forward then fails (an in-place bias add on a leaf) and
+        # generation would multiply differently from training. One layout, one kernel, always.
+        quantized.support_avx512bf16_for_cpu = False
         setattr(parent, name, quantized.to(linear.weight.device))  # the move quantizes
     return model
 
