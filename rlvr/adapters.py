@@ -30,6 +30,7 @@ from torch import nn
 KINDS = ("none", "lora", "qlora")
 QUANTIZE = (None, "nf4")
 NF4_BLOCKSIZE = 64  # bitsandbytes' default, on CPU and CUDA: 64 weights share one absmax constant
+DOUBLE_QUANT = True  # QLoRA's double quantization: the absmax constants themselves in 8 bits (Params4bit's default)
 MISSING_PEFT = 'adapter=lora|qlora needs peft (and bitsandbytes for adapter.quantize=nf4): pip install -e ".[adapter]"'
 
 
@@ -95,14 +96,14 @@ def _decoder_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Line
 
 def quantize_nf4(model: nn.Module) -> nn.Module:
     """Replace the decoder's linears by bitsandbytes NF4 ones (in place): 4 bits a weight plus one
-    absmax constant per 64 weights; the compute dtype is the model's."""
+    absmax constant per 64 weights (itself 8-bit, double quantization); the compute dtype is the model's."""
     import bitsandbytes as bnb
 
     for parent, name, linear in list(_decoder_linears(model)):
         quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                       compute_dtype=linear.weight.dtype, quant_type="nf4", device="meta")
         quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                             blocksize=NF4_BLOCKSIZE)
+                                             blocksize=NF4_BLOCKSIZE, compress_statistics=DOUBLE_QUANT)
         if linear.bias is not None:
             quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
         # On an AVX512-BF16 CPU, bitsandbytes repacks the weight for inference at the first eval-mode
@@ -120,7 +121,8 @@ def nf4_round_trip(model: nn.Module) -> nn.Module:
 
     with torch.no_grad():
         for _, _, linear in _decoder_linears(model):
-            packed, state = bnbf.quantize_4bit(linear.weight.data, blocksize=NF4_BLOCKSIZE, quant_type="nf4")
+            packed, state = bnbf.quantize_4bit(linear.weight.data, blocksize=NF4_BLOCKSIZE, quant_type="nf4",
+                                               compress_statistics=DOUBLE_QUANT)
             linear.weight.copy_(bnbf.dequantize_4bit(packed, state))
     return model
 

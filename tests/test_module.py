@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from callbacks.rollout import RolloutCallback
+from rlvr import adapters
 from rlvr.data import PromptDataModule, load_examples
 from rlvr import grpo
 from rlvr.engines.hf import HFEngine
@@ -320,11 +321,18 @@ class TargetTokenReward:
         pass
 
 
-def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path):
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path, adapter):
+    """Full-parameter, and with a LoRA adapter: then the HF engine generates with the adapted policy,
+    and the base's weights end bit-identical."""
     L.seed_everything(0)
     policy = make_policy(tokenizer)
+    base = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    if adapter != "none":
+        policy = adapters.apply(policy, adapters.AdapterSpec(adapter))
     sampling = SamplingParams(n=8, temperature=1.0, max_new_tokens=8)
-    config = GRPOConfig(n=8, micro_batch_size=32, lr=3e-3, kl_coef=0.0, entropy_coef=0.0, max_new_tokens=8)
+    config = GRPOConfig(n=8, micro_batch_size=32, lr=3e-3 if adapter == "none" else 1e-2, kl_coef=0.0,
+                        entropy_coef=0.0, max_new_tokens=8)
     module = GRPOModule(policy, config, batch_size=4)
     data = PromptDataModule(load_examples("arithmetic", size=64), tokenizer, batch_size=4)
     data.setup()
@@ -361,6 +369,9 @@ def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path):
     assert events == ["push"] + ["generate", "sleep", "push"] * 30
     # the update freed its gradients before the push (they would sit beside vLLM's share otherwise)
     assert held_gradients == [0] * 31
+    if adapter != "none":
+        assert dict(adapters.base_weights(policy)).keys() == base.keys()
+        assert all(torch.equal(w, base[name]) for name, w in adapters.base_weights(policy))
 
 
 def test_reference_model_is_held_only_with_kl_and_never_checkpointed(tokenizer):
