@@ -46,6 +46,7 @@ class ModelSpec:
     intermediate_size: int = 128
     max_position_embeddings: int = 4096
     init_seed: int = 0
+    tie_word_embeddings: bool = True  # false: a separate LM head (what tests of weight pushes need besides the tied one)
 
     @classmethod
     def from_config(cls, model: Mapping[str, Any]) -> ModelSpec:
@@ -101,7 +102,7 @@ def tiny_model(spec: ModelSpec, vocab_size: int) -> PreTrainedModel:
         num_key_value_heads=spec.num_kv_heads,
         intermediate_size=spec.intermediate_size,
         max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=spec.tie_word_embeddings,
         attn_implementation=spec.attn_implementation,
     )
     with torch.random.fork_rng(devices=[]):
