@@ -153,6 +153,10 @@ def is_adapted(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def rank(model: nn.Module) -> int:
+    return int(model.peft_config["default"].r)
+
+
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the optimizer steps and the clip sees: all of a full run's, an adapter's only."""
     return [p for p in model.parameters() if p.requires_grad]
@@ -192,6 +196,31 @@ def base_weights(policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, param in policy.named_parameters():
         if not param.requires_grad:
             yield hf_name(name), dense(param)
+
+
+def merged_weights(policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each adapted module's weight with the adapter added (W + scale * B @ A, on the de-quantized
+    base), and its bias, by Hugging Face name: all an engine holding the base needs after an update."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for name, module in policy.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            base = module.get_base_layer()
+            hf = hf_name(f"{name}.")
+            weight = dense(base.weight)
+            for adapter in module.active_adapters:
+                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            yield f"{hf}weight", weight
+            if base.bias is not None:
+                yield f"{hf}bias", base.bias.detach()
+
+
+def peft_folder(policy: nn.Module, folder: str) -> None:
+    """The adapter in PEFT's format (adapter_config.json, adapter_model.safetensors): what vLLM's
+    LoRA support and PeftModel.from_pretrained read."""
+    policy.save_pretrained(folder)
 
 
 def merged(policy: nn.Module) -> nn.Module:

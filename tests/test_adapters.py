@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
 from rlvr import adapters, checkpoints
@@ -23,7 +24,7 @@ from rlvr.export import export
 from rlvr.grpo import GRPOConfig
 from rlvr.models import ModelSpec, load_model, tiny_tokenizer
 from rlvr.module import GRPOModule
-from rlvr.train import train
+from rlvr.train import CONF_DIR, train
 from tiny import TINY, compose_config, trained_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,8 +170,11 @@ def test_qlora_trains_two_steps_and_resumes_exactly(tmp_path):
 def greedy_answers(tmp_path: Path, name: str, model: str) -> list[str]:
     key = "checkpoint" if model.endswith(".ckpt") else "model.name"
     output = tmp_path / f"{name}.json"
-    evaluate(compose_config("evaluate", f"{key}={model}", "benchmarks=[gsm8k]", "limit=10", "sampling.temperature=0",
-                            "sampling.max_new_tokens=24", f"output={output}", f"output_dir={tmp_path}", "reward.workers=0"))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"{key}={model}", "benchmarks=[gsm8k]", "limit=10", "sampling.temperature=0", "sampling.max_new_tokens=24",
+            f"output={output}", f"output_dir={tmp_path}", "reward.workers=0"])
+    evaluate(cfg)
     return [json.loads(line)["response"] for line in output.with_suffix(".samples.jsonl").read_text().splitlines()]
 
 
