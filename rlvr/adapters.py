@@ -220,7 +220,7 @@ def merged_weights(policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 def peft_folder(policy: nn.Module, folder: str) -> None:
     """The adapter in PEFT's format (adapter_config.json, adapter_model.safetensors): what vLLM's
     LoRA support and PeftModel.from_pretrained read."""
-    policy.save_pretrained(folder)
+    policy.save_pretrained(folder, save_embedding_layers=False)  # no hub lookup of the base's vocabulary
 
 
 def merged(policy: nn.Module) -> nn.Module:

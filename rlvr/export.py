@@ -38,7 +38,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bfloat16")
         raise UserError(str(error).splitlines()[0]) from None
     if adapter is not None:
         model.peft_config["default"].base_model_name_or_path = spec.name
-        model.save_pretrained(out / "adapter")
+        adapters.peft_folder(model, str(out / "adapter"))
         model = adapters.merged(model)
     model.to(getattr(torch, dtype)).save_pretrained(out)
     tokenizer.save_pretrained(out)  # with its chat template (chat_template.jinja)
