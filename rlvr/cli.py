@@ -229,10 +229,14 @@ def check_benchmarks(key: str, names: Any, sources: Any) -> None:
 
 
 def grpo_config(cfg: DictConfig):
-    """The GRPO step's settings from `rollout.*`, `grpo.*` and `optim.*` (validated on construction)."""
+    """The GRPO step's settings from `rollout.*`, `grpo.*` and `optim.*` (validated on construction);
+    an adapter run's learning rate is `optim.adapter_lr` when set."""
     from rlvr.grpo import GRPOConfig
 
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    adapter_lr = optim.pop("adapter_lr", None)
+    if adapter_lr is not None and cfg.adapter.kind != "none":
+        optim["lr"] = adapter_lr
     return GRPOConfig(n=cfg.rollout.n, temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                       optimizer=optim.pop("name"), **OmegaConf.to_container(cfg.grpo, resolve=True), **optim)
 

@@ -318,9 +318,10 @@ def test_the_log_says_what_a_healthy_logprob_gap_is_on_each_device():
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", ["true", "false"])
 def test_a_lora_run_on_vllm_samples_with_the_trainers_adapted_weights(tmp_path, tied):
-    """adapter=lora: the engine gets the base once and vLLM's LoRA after every update (the default
-    sync); three steps whose engine log-probs stay within fp32 rounding of the trainer's."""
-    done = run("tests/ddp_run.py", str(tmp_path), *RUN, "adapter=lora", f"model.tie_word_embeddings={tied}",
+    """adapter=lora: the engine gets the base once and vLLM's LoRA after every update; three steps
+    whose engine log-probs stay within fp32 rounding of the trainer's (merged sync: the test above)."""
+    done = run("tests/ddp_run.py", str(tmp_path), *RUN, "adapter=lora", "rollout.adapter_sync=lora",
+               f"model.tie_word_embeddings={tied}",
                f"output_dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = metrics(tmp_path)
