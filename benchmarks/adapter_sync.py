@@ -37,7 +37,8 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     from rlvr import adapters
-    from rlvr.engine import EngineOptions, SamplingParams, make_engine
+    from rlvr.engines.factory import make_engine
+    from rlvr.engines.protocol import EngineOptions, SamplingParams
     from rlvr.models import ModelSpec, load_model, load_tokenizer
     from rlvr.train import CONF_DIR
 

@@ -22,7 +22,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bfloat16")
     import torch
 
     from rlvr import adapters
-    from rlvr.cli import UserError
+    from rlvr.errors import UserError
     from rlvr.models import checkpoint_policy
 
     out = Path(out_dir)
@@ -47,6 +47,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bfloat16")
 
 def main(argv: list[str] | None = None) -> None:
     from rlvr import cli
+    from rlvr.errors import UserError
 
     parser = argparse.ArgumentParser(prog="rlvr-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="an rlvr .ckpt file, e.g. OUTPUT_DIR/checkpoints/last.ckpt")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.quiet()
     try:
         out = export(args.checkpoint, args.out_dir, args.dtype)
-    except cli.UserError as error:
+    except UserError as error:
         cli.fail(error)
     print(f"wrote {out} (from_pretrained loads it)" + (f"; the adapter is in {out / 'adapter'}"
                                                           if (out / "adapter").is_dir() else ""))

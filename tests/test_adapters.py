@@ -18,7 +18,8 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
 from rlvr import adapters, checkpoints
-from rlvr.cli import UserError, check_config, check_overrides
+from rlvr.cli import check_config, check_overrides
+from rlvr.errors import UserError
 from rlvr.evaluate import evaluate
 from rlvr.export import export
 from rlvr.grpo import GRPOConfig
