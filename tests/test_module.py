@@ -337,7 +337,7 @@ def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path, adapter):
     if adapter != "none":
         policy = adapters.apply(policy, adapters.AdapterSpec(adapter))
     sampling = SamplingParams(n=8, temperature=1.0, max_new_tokens=8)
-    config = GRPOConfig(n=8, micro_batch_size=32, lr=3e-3 if adapter == "none" else 2e-2, kl_coef=0.0,
+    config = GRPOConfig(n=8, micro_batch_size=32, lr=3e-3 if adapter == "none" else 1e-2, kl_coef=0.0,
                         entropy_coef=0.0, max_new_tokens=8)
     module = GRPOModule(policy, config, batch_size=4)
     data = PromptDataModule(load_examples("arithmetic", size=64), tokenizer, batch_size=4)
