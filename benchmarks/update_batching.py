@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from rlvr.data import build_prompt  # noqa: E402
-from rlvr.engine import Generation  # noqa: E402
+from rlvr.engines.protocol import Generation  # noqa: E402
 from rlvr.grpo import GRPOConfig  # noqa: E402
 from rlvr.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
 from rlvr.module import GRPOModule  # noqa: E402

@@ -16,6 +16,9 @@ and so on the refill cursor; each generates its own slice.
 
 With `overlong_buffer`, DAPO's length penalty (rlvr.rewards.with_overlong) joins the total here,
 where the token counts are known; validation and evaluation score without it.
+
+An adapter run pushes its base once (de-quantized, at the run's first step) and then only the adapter
+(`RolloutEngine.load_adapter`), after every update.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import lightning as L
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rlvr import grpo
+from rlvr import adapters, grpo
 from rlvr.distributed import policy_weights
 from rlvr.engines.protocol import Generation, RolloutEngine, SamplingParams, eos_ids, prompt_seeds
 from rlvr.rewards import RewardBatch, RewardScorer, with_overlong
@@ -74,7 +77,9 @@ class RolloutCallback(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         self._step_began = time.perf_counter()
         if not self._engine_current:  # the first step of a run (fresh or resumed): the engine may hold other weights
-            self.engine.load_weights(policy_weights(pl_module, self.push_dtype))
+            if adapters.is_adapted(pl_module.policy):
+                self.engine.load_weights(adapters.base_weights(pl_module.policy))
+            self._push(pl_module)
             self._engine_current = True
             pl_module.log("time/engine_start_s", time.perf_counter() - self._step_began, on_step=True, on_epoch=False,
                           batch_size=1)  # vLLM builds itself here, at its first use
@@ -164,12 +169,19 @@ class RolloutCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
         pushed = time.perf_counter()
-        self.engine.load_weights(policy_weights(pl_module, self.push_dtype))
+        self._push(pl_module)
         pl_module.log("time/weight_push_s", time.perf_counter() - pushed, on_step=True, on_epoch=False, batch_size=1)
         batch.pop("rollout", None)  # free the step's tensors before the next rollout
         # generate + score + update + weight push (not checkpoint writes), slowest rank
         pl_module.log("time/step_s", time.perf_counter() - self._step_began, on_step=True, on_epoch=False,
                       batch_size=1, sync_dist=True, reduce_fx="max")
+
+    def _push(self, pl_module: L.LightningModule) -> None:
+        """The policy's current weights: all of them, or an adapter run's adapter."""
+        if adapters.is_adapted(pl_module.policy):
+            self.engine.load_adapter(pl_module.policy)
+        else:
+            self.engine.load_weights(policy_weights(pl_module, self.push_dtype))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.scorer.close()

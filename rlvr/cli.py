@@ -53,7 +53,7 @@ def _mini_batch(batch_size: int, updates: int) -> int:
 
 OmegaConf.register_new_resolver("mini_batch", _mini_batch, replace=True)
 OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
-GROUPS = ("model", "data", "mode", "gpu", "logger", "experiment", "algorithm")
+GROUPS = ("model", "data", "mode", "gpu", "logger", "adapter", "experiment", "algorithm")
 NOISE = ("litlogger", "GPU available:", "TPU available:", "HPU available:", "LeafSpec")
 
 
@@ -184,6 +184,7 @@ def check_config(cfg: DictConfig, profile: str | None = None) -> None:
                         "use trainer.strategy=fsdp2")
     _check_training_values(cfg)
     check_engine(cfg.rollout.engine)
+    check_adapter(cfg)
     if cfg.optim.name != "adamw" or cfg.optim.bf16_stochastic_round:
         if importlib.util.find_spec("torchao") is None:
             raise UserError(f'optim.name={cfg.optim.name} needs torchao: pip install -e ".[lean]"')
@@ -216,6 +217,18 @@ def check_engine(engine: str) -> None:
             raise UserError(vllm_engine.MISSING)
 
 
+def check_adapter(cfg: DictConfig) -> None:
+    from rlvr.adapters import AdapterSpec, check
+
+    try:
+        spec = AdapterSpec.from_config(OmegaConf.to_container(cfg.adapter, resolve=True))
+    except TypeError as error:  # a key no AdapterSpec has
+        raise UserError(f"adapter: {error}") from None
+    problem = check(spec, cfg.trainer.strategy)
+    if problem:
+        raise UserError(problem)
+
+
 def check_benchmarks(key: str, names: Any, sources: Any) -> None:
     """Each named benchmark has a source, and that source is a file here or a reachable hub id."""
     for name in names:
@@ -226,10 +239,14 @@ def check_benchmarks(key: str, names: Any, sources: Any) -> None:
 
 
 def grpo_config(cfg: DictConfig):
-    """The GRPO step's settings from `rollout.*`, `grpo.*` and `optim.*` (validated on construction)."""
+    """The GRPO step's settings from `rollout.*`, `grpo.*` and `optim.*` (validated on construction);
+    an adapter run's learning rate is `optim.adapter_lr` when set."""
     from rlvr.grpo import GRPOConfig
 
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    adapter_lr = optim.pop("adapter_lr", None)
+    if adapter_lr is not None and cfg.adapter.kind != "none":
+        optim["lr"] = adapter_lr
     return GRPOConfig(n=cfg.rollout.n, temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                       optimizer=optim.pop("name"), **OmegaConf.to_container(cfg.grpo, resolve=True), **optim)
 

@@ -46,6 +46,7 @@ class ModelSpec:
     intermediate_size: int = 128
     max_position_embeddings: int = 4096
     init_seed: int = 0
+    tie_word_embeddings: bool = True  # false: a separate LM head (what tests of weight pushes need besides the tied one)
 
     @classmethod
     def from_config(cls, model: Mapping[str, Any]) -> ModelSpec:
@@ -101,7 +102,7 @@ def tiny_model(spec: ModelSpec, vocab_size: int) -> PreTrainedModel:
         num_key_value_heads=spec.num_kv_heads,
         intermediate_size=spec.intermediate_size,
         max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=spec.tie_word_embeddings,
         attn_implementation=spec.attn_implementation,
     )
     with torch.random.fork_rng(devices=[]):
@@ -160,24 +161,50 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, dtype: torch
     return model
 
 
-def load_checkpoint_policy(
-    path: str | Path, dtype: torch.dtype = torch.float32
-) -> tuple[ModelSpec, PreTrainedTokenizerBase, PreTrainedModel]:
-    """The policy saved in an rlvr Lightning checkpoint, rebuilt from the model spec it records."""
+def checkpoint_policy(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
+        ModelSpec, PreTrainedTokenizerBase, PreTrainedModel, Any]:
+    """The policy saved in an rlvr Lightning checkpoint, rebuilt from the model spec it records, and
+    its rlvr.adapters.AdapterSpec (None for a full-parameter run). An adapter run's policy is the PEFT
+    model, on the base its trainer used (a 4-bit base de-quantized: the same weights, in plain floats)."""
+    from rlvr import adapters
     from rlvr.checkpoints import load
 
     path = Path(path)
     state = load(path, mmap=True)
-    spec = (state.get("hyper_parameters") or {}).get("model")
-    if not spec:
+    hyper = state.get("hyper_parameters") or {}
+    if not hyper.get("model"):
         raise ValueError(f"{path}: not an rlvr training checkpoint (no model spec in its hyper_parameters)")
-    spec = ModelSpec(**spec)
+    spec = ModelSpec(**hyper["model"])
+    adapter = adapters.AdapterSpec.from_config(hyper["adapter"]) if hyper.get("adapter") else None
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, tokenizer, dtype)
+    if adapter is not None:
+        if adapter.quantize:
+            adapters.nf4_round_trip(model)
+        model = adapters.apply(model, adapter, quantized=False)
     prefix = "policy."
     weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(weights)
-    return spec, tokenizer, model
+    if adapter is None:
+        model.load_state_dict(weights)
+    else:  # the adapter's weights, every one of them, and nothing else
+        expected = adapters.trainable_names(model)
+        if set(weights) != expected:
+            raise ValueError(f"{path}: its weights are not the adapter its hyper_parameters describe "
+                             f"({len(set(weights) ^ expected)} names differ)")
+        model.load_state_dict(weights, strict=False)
+        model.to(dtype)
+    return spec, tokenizer, model, adapter
+
+
+def load_checkpoint_policy(
+    path: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[ModelSpec, PreTrainedTokenizerBase, PreTrainedModel]:
+    """The policy saved in an rlvr Lightning checkpoint as a plain Hugging Face model: an adapter
+    run's adapter merged into its base."""
+    from rlvr import adapters
+
+    spec, tokenizer, model, adapter = checkpoint_policy(path, dtype)
+    return spec, tokenizer, model if adapter is None else adapters.merged(model)
 
 
 def check_context(model: PreTrainedModel, prompt_tokens: int, new_tokens: int) -> None:

@@ -6,7 +6,9 @@ accumulating gradients over micro-batches. Old log-probs are those of the policy
 first update; when there is a single update per step the policy is still the one that sampled,
 so the ratio is exactly 1 and the extra forward pass is skipped. The reference model for the KL
 term is a frozen copy of the initial policy, held only when kl_coef > 0, and never checkpointed
-(resume rebuilds it from the same source as the initial weights).
+(resume rebuilds it from the same source as the initial weights). An adapter run (rlvr.adapters)
+optimizes, clips and checkpoints the adapter's weights only, and its reference is the policy's own
+frozen base with the adapter switched off: no copy.
 
 Under DDP (or FSDP) each rank holds B / world prompts of the global batch. Loss normalizers are the
 global token and sequence counts (all-reduced), so the all-reduced gradient is that of the global
@@ -43,7 +45,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from rlvr import distributed, grpo
+from rlvr import adapters, distributed, grpo
 from rlvr.grpo import GRPOConfig
 from rlvr.optim import make_optimizer
 from rlvr.rewards import pearson
@@ -99,14 +101,28 @@ def _forward_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows if len(rows) else torch.zeros(1, dtype=torch.long, device=rows.device)
 
 
+class _AdapterOff:
+    """An adapter run's KL reference: the policy's log-probs with its adapter switched off."""
+
+    model = None  # nothing of its own to move or shard
+
+    def __init__(self, policy: nn.Module, policy_logprobs: TokenLogprobs) -> None:
+        def logprobs(*args):
+            with adapters.adapter_off(policy):
+                return policy_logprobs(*args)
+
+        self.logprobs = logprobs
+
+
 REWARD_KEYS = ("verify", "format", "reflect", "total", "accuracy")
 
 
 class GRPOModule(L.LightningModule):
     def __init__(self, policy: nn.Module, config: GRPOConfig, batch_size: int, model_spec: dict | None = None,
-                 world: int = 1) -> None:
+                 world: int = 1, adapter: dict | None = None) -> None:
         """`batch_size` is global (prompts per step over all `world` processes). `model_spec` (what
-        rlvr.models.ModelSpec holds) goes into the checkpoint, so that `rlvr.evaluate` can rebuild the
+        rlvr.models.ModelSpec holds) and `adapter` (rlvr.adapters.AdapterSpec, for a policy that
+        rlvr.adapters.apply built) go into the checkpoint, so that `rlvr.evaluate` can rebuild the
         policy from the checkpoint file alone."""
         super().__init__()
         self.automatic_optimization = False
@@ -115,7 +131,12 @@ class GRPOModule(L.LightningModule):
         self.config = config
         self.batch_size = batch_size
         self.updates_per_step = config.updates_per_step(batch_size, world)
-        self._reference = _Frozen(reference_copy(policy, config.reference_dtype)) if config.kl_coef > 0 else None
+        self.adapted = adapters.is_adapted(policy)
+        self.strict_loading = not self.adapted  # its checkpoints hold the adapter only (on_load_checkpoint checks them)
+        self._reference = None
+        if config.kl_coef > 0:
+            self._reference = (_AdapterOff(policy, self._policy_logprobs) if self.adapted
+                               else _Frozen(reference_copy(policy, config.reference_dtype)))
         # dist_sync_on_step: the logged reward is the mean over every rank's rollouts
         self.reward_metrics = nn.ModuleDict({k: torchmetrics.MeanMetric(dist_sync_on_step=True) for k in REWARD_KEYS})
         self.overlong_metric = torchmetrics.MeanMetric(dist_sync_on_step=True)  # logged only when it is on
@@ -123,11 +144,12 @@ class GRPOModule(L.LightningModule):
         self.consecutive_skips = 0
         self.no_signal_updates = 0  # updates skipped for a gradient that is exactly zero, in all
         # logger=False: the loggers get the whole resolved config from train.py instead
-        self.save_hyperparameters({"grpo": asdict(config), "batch_size": batch_size, "model": model_spec}, logger=False)
+        self.save_hyperparameters({"grpo": asdict(config), "batch_size": batch_size, "model": model_spec,
+                                   "adapter": adapter}, logger=False)
 
     def configure_optimizers(self):
         c = self.config
-        optimizer = make_optimizer(c.optimizer, self.policy.parameters(), lr=c.lr, betas=c.betas,
+        optimizer = make_optimizer(c.optimizer, adapters.trainable(self.policy), lr=c.lr, betas=c.betas,
                                    weight_decay=c.weight_decay, bf16_stochastic_round=c.bf16_stochastic_round)
         warmup = max(c.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: min(1.0, (update + 1) / warmup))
@@ -144,7 +166,8 @@ class GRPOModule(L.LightningModule):
             distributed.shard(self._reference.logprobs, self._reference.model, mesh)
 
     def on_fit_start(self) -> None:
-        if self._reference is not None and not distributed.is_sharded(self._reference.logprobs):
+        if self._reference is not None and self._reference.model is not None \
+                and not distributed.is_sharded(self._reference.logprobs):
             self._reference.model.to(self.device)
 
     # -- log-probs -----------------------------------------------------------------------------
@@ -238,7 +261,7 @@ class GRPOModule(L.LightningModule):
                     gap_max = max(gap_max, stats.pop("logprob_gap_max"))
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + value / self.updates_per_step
-                grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm))
+                grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(adapters.trainable(self.policy), c.max_grad_norm))
                 sums["grad_norm"] += float(grad_norm) / self.updates_per_step
                 finite = math.isfinite(float(grad_norm)) and math.isfinite(update_loss)
                 strategy = self.trainer.strategy  # the ranks decide together
@@ -299,8 +322,15 @@ class GRPOModule(L.LightningModule):
 
     # -- checkpoint state ----------------------------------------------------------------------
 
+    def _adapter_keys(self) -> set[str]:
+        return {f"policy.{name}" for name in adapters.trainable_names(self.policy)}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The skip counters and every RNG state (plain containers and tensors: loads with weights_only)."""
+        """The skip counters and every RNG state (plain containers and tensors: loads with weights_only);
+        of an adapter run's weights, the adapter's only (the base is rebuilt from the model spec)."""
+        if self.adapted:
+            keys = self._adapter_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         numpy_state = np.random.get_state()
         checkpoint["rlvr"] = {
             "skipped_updates": self.skipped_updates,
@@ -315,6 +345,12 @@ class GRPOModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.adapted and set(checkpoint["state_dict"]) != self._adapter_keys():
+            from rlvr.checkpoints import CheckpointError
+
+            raise CheckpointError("the checkpoint's weights are not this run's adapter (a full-parameter checkpoint, "
+                                  "or another adapter.rank or adapter.target_modules); resume with the settings it "
+                                  "was trained with")
         state = checkpoint.get("rlvr")
         if state is None:
             return

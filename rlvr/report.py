@@ -106,7 +106,7 @@ RUN_KEYS = ("output_dir", "ckpt_path", "steps")  # what the resume command sets 
 
 def run_summary(run_dir: str | Path, overrides: list[str], total_steps: int) -> str:
     """What a finished (or stopped) run prints: where it is, how far it got, its first and last
-    metrics, and the commands that continue, evaluate and plot it."""
+    metrics, and the commands that continue, evaluate, export and plot it."""
     run_dir = Path(run_dir)
     series = read_metrics(run_dir)
     done = max((step for points in series.values() for step, _ in points), default=-1) + 1
@@ -121,6 +121,7 @@ def run_summary(run_dir: str | Path, overrides: list[str], total_steps: int) -> 
         "next:",
         "  continue  " + " ".join(["python -m rlvr.train", *kept, f"output_dir={run_dir}", "ckpt_path=last", f"steps={target}"]),
         "  evaluate  " + " ".join(evaluate),
+        f"  export    python -m rlvr.export {last} {run_dir / 'hf'}",
         f"  plot      python -m rlvr.report {run_dir}",
     ])
 

@@ -90,8 +90,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
     from rlvr.checkpoints import AtomicCheckpointIO, RunCheckpoint, make_present, resolve_ckpt_path
     from rlvr.data import PromptDataModule, load_examples
     from rlvr.distributed import make_strategy, shards_weights
+    from rlvr.adapters import AdapterSpec, apply, lightning_precision
     from rlvr.engines.factory import make_engine
-    from rlvr.engines.protocol import EngineOptions, SamplingParams
+    from rlvr.engines.protocol import EngineOptions, SamplingParams, decode_dtype
     from rlvr.loggers import close_loggers, make_loggers, save_run_config
     from rlvr.models import ModelSpec, check_context, load_model, load_tokenizer
     from rlvr.module import GRPOModule
@@ -103,8 +104,13 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
 
     spec = ModelSpec.from_config(cfg.model)
+    adapter = AdapterSpec.from_config(OmegaConf.to_container(cfg.adapter, resolve=True))
     tokenizer = load_tokenizer(spec)
-    policy = load_model(spec, tokenizer, dtype=torch.float32).train()  # from_pretrained returns eval mode
+    if adapter.enabled:  # the frozen base in the precision's dtype (or NF4), the adapter float32 (rlvr.adapters)
+        base = load_model(spec, tokenizer, dtype=getattr(torch, decode_dtype(cfg.trainer.precision)))
+        policy = apply(base, adapter, seed=cfg.seed).train()
+    else:
+        policy = load_model(spec, tokenizer, dtype=torch.float32).train()  # from_pretrained returns eval mode
     if cfg.model.gradient_checkpointing:  # non-reentrant: the variant that works under DDP and FSDP
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -119,10 +125,12 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
     steps = cfg.steps if cfg.steps is not None else cfg.epochs * datamodule.batches_per_epoch
 
     sampling = SamplingParams(cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens)
-    module = GRPOModule(policy, grpo_config(cfg), batch_size=cfg.batch_size, model_spec=asdict(spec), world=world)
+    module = GRPOModule(policy, grpo_config(cfg), batch_size=cfg.batch_size, model_spec=asdict(spec), world=world,
+                        adapter=asdict(adapter) if adapter.enabled else None)
 
     trainer_options = instantiate(cfg.trainer, _convert_="all")  # a strategy may be a _target_ object
     trainer_options["strategy"] = make_strategy(trainer_options["strategy"], world)  # fsdp2: rlvr.distributed
+    trainer_options["precision"] = lightning_precision(trainer_options["precision"], adapter)
     # The engine generates with the policy itself, unless the strategy shards it: then with a full copy
     # that receives the gathered weights after every update (rlvr.distributed).
     engine_options = EngineOptions.from_config(OmegaConf.to_container(cfg.rollout, resolve=True),

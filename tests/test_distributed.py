@@ -156,3 +156,19 @@ def test_a_sharded_weight_is_gathered_in_the_engines_dtype():
         assert full(weight).dtype == torch.float32
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_lora_adapter_as_one(tmp_path):
+    """adapter=lora under DDP: only the adapter's gradients are all-reduced; both ranks end with the
+    same adapter, and the two-process steps equal one process's."""
+    one_lora, two_lora = tmp_path / "one", tmp_path / "two"
+    run(one_lora, "adapter=lora", "devices=1", "steps=2")
+    run(two_lora, "adapter=lora", "devices=2", "steps=2")
+    ends = [records(two_lora, rank)[-1] for rank in (0, 1)]
+    assert ends[0]["weights"] == ends[1]["weights"]
+    reference, logged = metrics(one_lora), metrics(two_lora)
+    for step in (0, 1):
+        for key in ("reward/total", "train/loss", "train/grad_norm", "train/entropy"):
+            assert logged[step][key] == pytest.approx(reference[step][key], rel=1e-4, abs=1e-6), (step, key)
+    assert logged[1]["train/grad_norm"] > 0

@@ -313,3 +313,44 @@ def test_under_ddp_each_rank_has_its_own_engine_and_two_ranks_train_as_one(tmp_p
 def test_the_log_says_what_a_healthy_logprob_gap_is_on_each_device():
     assert "below 1e-3" in vllm_engine.healthy_gap("float32", on_cpu=True)
     assert "around 1e-2" in vllm_engine.healthy_gap("bfloat16", on_cpu=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", ["true", "false"])
+def test_a_lora_run_on_vllm_samples_with_the_trainers_adapted_weights(tmp_path, tied):
+    """adapter=lora: the engine gets the base once and vLLM's LoRA after every update; three steps
+    whose engine log-probs stay within fp32 rounding of the trainer's (merged sync: the test above)."""
+    done = run("tests/ddp_run.py", str(tmp_path), *RUN, "adapter=lora", "rollout.adapter_sync=lora",
+               f"model.tie_word_embeddings={tied}",
+               f"output_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = metrics(tmp_path)
+    assert len(rows) == 3
+    for row in rows:
+        assert float(row["rollout/logprob_gap_max"]) < 1e-3
+    assert float(rows[-1]["train/entropy"]) != pytest.approx(float(rows[0]["train/entropy"]))  # the adapter moved
+
+
+def test_merged_adapter_sync_pushes_the_adapted_modules_and_logprobs_match(tokenizer):
+    """rollout.adapter_sync=merged: the base once, then W + scale * B @ A of the adapted modules only."""
+    import dataclasses
+
+    from rlvr import adapters
+
+    policy = adapters.apply(untied_tiny(tokenizer, 1), adapters.AdapterSpec("lora"))
+    engine = make_engine(dataclasses.replace(OPTIONS, adapter_sync="merged"), policy, tokenizer, max_model_len=1024)
+    assert not engine.vllm_lora
+    engine.load_weights(adapters.base_weights(policy))
+    pushed = [name for name, _ in adapters.merged_weights(policy)]
+    assert pushed and all(name.endswith(("proj.weight", "proj.bias")) for name in pushed)
+    for seed in (0, 1):  # two updates
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+        engine.load_adapter(policy)
+        out = engine.generate([LONG_PROMPT[:40]], SamplingParams(n=2, temperature=1.0, max_new_tokens=12), [seed])
+        for tokens, logprobs in zip(out.tokens, out.logprobs):
+            expected = trainer_logprobs(policy.eval(), LONG_PROMPT[:40], tokens, 1.0)
+            assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4)
+    engine.close()

@@ -180,7 +180,19 @@ class HFEngine:
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy weights in by name (casting to the engine's dtype); a separate copy first moves to
-        the trainer's device."""
+        the trainer's device. An adapter run's engine model is the policy or a copy made from it, and
+        the base is frozen: it takes nothing (its adapter comes through `load_adapter`)."""
+        from rlvr.adapters import is_adapted
+
+        if not is_adapted(self.model):
+            self._copy_in(weights)
+
+    def load_adapter(self, policy: nn.Module) -> None:
+        """The policy's adapter weights, by PEFT name (nothing to copy when generating with the policy itself)."""
+        if self.model is not policy:
+            self._copy_in((name, p.detach()) for name, p in policy.named_parameters() if p.requires_grad)
+
+    def _copy_in(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         model = self.model
         params = dict(model.named_parameters())
         with torch.no_grad():

