@@ -14,7 +14,7 @@ import pytest
 from ddp_run import DigitsReward
 from rlvr import checkpoints
 from rlvr import train as train_module
-from rlvr.cli import UserError
+from rlvr.errors import UserError
 from rlvr.grpo import GRPOConfig
 from rlvr.train import train
 from tiny import TINY, compose_config, trained_steps
