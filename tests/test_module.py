@@ -384,7 +384,7 @@ def test_grpo_learns_a_learnable_reward(tokenizer, tmp_path, adapter):
     push = "push" if adapter == "none" else "adapter"  # an adapter run pushes its base once, then the adapter
     assert events == ["push"] + (["adapter"] if adapter != "none" else []) + ["generate", "sleep", push] * steps
     # the update freed its gradients before the push (they would sit beside vLLM's share otherwise)
-    assert held_gradients == [0] * (steps + 1 if adapter == "none" else steps)
+    assert held_gradients == [0] * (steps + 1)  # every push: the first (before any update) and one per step
     if adapter != "none":
         assert dict(adapters.base_weights(policy)).keys() == base.keys()
         assert all(torch.equal(w, base[name]) for name, w in adapters.base_weights(policy))
