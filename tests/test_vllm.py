@@ -218,7 +218,7 @@ class RecordingLLM:
     def reset_prefix_cache(self) -> None:
         self.calls.append(("reset_prefix_cache",))
 
-    def generate(self, requests, sampling, use_tqdm=False):
+    def generate(self, requests, sampling, use_tqdm=False, lora_request=None):
         from types import SimpleNamespace as NS
 
         self.calls.append(("generate", len(requests)))
