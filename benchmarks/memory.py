@@ -31,7 +31,9 @@ The micro-batch: the worst one the profile allows, `rows x width` in the `micro`
 the longest prompt of the first batch plus a response to the limit (a random-init model's). Under a
 token budget (`grpo.micro_batch_tokens`, which the GPU profiles set) as many such rows as rlvr's
 packer (`rlvr.grpo.token_budget_micro_batches`) puts in one micro-batch: budget // width, at least
-one; with `grpo.micro_batch_tokens=null`, `grpo.micro_batch_size` rows.
+one; with `grpo.micro_batch_tokens=null`, `grpo.micro_batch_size` rows. The width comes from the
+first batch (GSM8K: 260 + 1,024 = 1,284, so 4 rows of gpu=l4's 5,300); a batch holding GSM8K's
+longest prompt (301) makes 4 x 1,325 = 5,300 tokens, 3% more than modelled.
 
 Adapter rows (`adapter=lora|qlora`, rlvr.adapters): the frozen base in the precision's dtype (bf16 on
 l4), PEFT's float32 adapter (rank 16 on every attention and MLP linear), the optimizer over the
@@ -47,7 +49,7 @@ embeddings and the LM head stay bf16, as in QLoRA. With `--cuda` bitsandbytes it
 
 The engine: `engine` is what vLLM must place inside its share: its weights (every parameter of the
 base in the engine's dtype: for an adapter run the whole base, which the engine keeps through the
-update at sleep level 1, and for qlora the de-quantized base, as rlvr.engines.vllm receives it) plus
+update at sleep level 1, in host memory (so nothing of it is on the GPU during the update), and for qlora the de-quantized base, as rlvr.engines.vllm receives it) plus
 the KV cache of one `width`-token sequence, the least it starts with; its profiling run's activations
 come on top and are not modelled. `fits` also needs the engine within its share. On gpu=l4 (0.35 x
 22.5 = 7.9 GiB) the bf16 Qwen2.5-Math-7B (14.2 GiB) is not: 7B QLoRA does not fit one L4 with rlvr's
@@ -372,6 +374,8 @@ def build_module(cfg: DictConfig, model: str, device: str, fake: contextlib.Abst
             policy = adapters.apply(quantize_stand_in(base) if spec.quantize else base, spec, seed=cfg.seed,
                                     quantized=False)
         materialize(policy, fake)
+    if spec.enabled and sum(p.numel() for p in adapters.trainable(policy)) != lora_parameters(ARCHITECTURES[model], spec):
+        raise RuntimeError(f"PEFT's adapter for {model} is not the {spec.rank}-rank one lora_parameters counts")
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     import rlvr.module
