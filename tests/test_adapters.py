@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
 from rlvr import adapters, checkpoints
-from rlvr.cli import check_config, check_overrides
+from rlvr.cli import check_config, check_overrides, grpo_config
 from rlvr.errors import UserError
 from rlvr.evaluate import evaluate
 from rlvr.export import export
@@ -73,6 +73,11 @@ def test_the_adapter_group_and_its_checks():
     assert adapters.lightning_precision("bf16-true", adapters.AdapterSpec("qlora")) == "32-true"
     assert adapters.lightning_precision("bf16-true", adapters.AdapterSpec()) == "bf16-true"
     assert adapters.lightning_precision("bf16-mixed", adapters.AdapterSpec("lora")) == "bf16-mixed"
+    # optim.adapter_lr is an adapter run's learning rate (the cpu profile sets one); null falls back to optim.lr
+    cpu = compose_config("gpu=cpu", "adapter=lora")
+    assert cpu.optim.adapter_lr is not None and grpo_config(cpu).lr == cpu.optim.adapter_lr != cpu.optim.lr
+    assert grpo_config(compose_config("gpu=cpu")).lr == cpu.optim.lr
+    assert grpo_config(compose_config(*TINY, "adapter=lora")).lr == compose_config(*TINY).optim.lr
 
 
 # -- the 4-bit base and the reference, on tensors ------------------------------------------------------

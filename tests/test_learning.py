@@ -1,5 +1,7 @@
 """The embedded default learns, as a new user runs it: `python -m rlvr.train mode=quick gpu=cpu`
-(tiny-arith, shipped in the package; no GPU, no download). GRPO has to raise the real reward."""
+(tiny-arith, shipped in the package; no GPU, no download), full-parameter and with `adapter=lora`
+(at the cpu profile's optim.adapter_lr). GRPO has to raise the real reward. That a LoRA run's base
+stays bit-identical is tests/test_adapters.py's (on the tiny model, through the same entry point)."""
 
 import csv
 import subprocess
@@ -13,11 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(660)  # just past the run's own 600 s limit, whose message is clearer; about a minute alone
-def test_mode_quick_on_cpu_raises_the_reward(tmp_path):
+@pytest.mark.timeout(660)  # just past the run's own 600 s limit, whose message is clearer
+@pytest.mark.parametrize("adapter", ["none", "lora"])  # about a minute alone full-parameter; LoRA is slower
+def test_mode_quick_on_cpu_raises_the_reward(tmp_path, adapter):
     began = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "rlvr.train", "mode=quick", "gpu=cpu", "seed=0", f"output_dir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "rlvr.train", "mode=quick", "gpu=cpu", f"adapter={adapter}", "seed=0",
+                           f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - began
     assert done.returncode == 0, done.stderr[-3000:]
     with (tmp_path / "metrics.csv").open() as f:

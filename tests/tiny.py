@@ -4,7 +4,7 @@ own; starting one costs seconds per run). Cheaper than the cpu profile's default
 x 80), which tests/test_learning.py runs as a user would."""
 
 TINY = ["gpu=cpu", "model=tiny", "batch_size=4", "rollout.n=4", "rollout.max_new_tokens=48", "grpo.micro_batch_size=16",
-        "grpo.kl_coef=0.001", "optim.lr=1e-6", "reward.workers=0"]
+        "grpo.kl_coef=0.001", "optim.lr=1e-6", "optim.adapter_lr=null", "reward.workers=0"]  # adapter runs too at optim.lr, not the cpu profile's adapter_lr
 
 
 def compose_config(*overrides: str):
