@@ -1,4 +1,4 @@
-"""Update time with fixed-row and token-budget micro-batches, side by side on the same rollout.
+"""Update time with fixed-row, token-budget and packed token-budget micro-batches, side by side on the same rollout.
 
     nice -n 10 python benchmarks/update_batching.py --model smollm2-135m --scale 8 --threads 1
     nice -n 10 python benchmarks/update_batching.py --model tiny --threads 1
@@ -12,7 +12,11 @@ by one factor keeps each method's padding fraction (up to the rounding) and shri
 Token ids are random (the content does not change the cost).
 
 Fixed rows: 4 per micro-batch, as gpu=l4. Token budget: 4 x (the longest prompt + the longest
-response), so that the widest micro-batch is the fixed-row worst case. Each round runs one update
+response), so that the widest micro-batch is the fixed-row worst case. Token budget packed: the
+same micro-batches with grpo.pack=true, each one sequence with no padding. On CPU the model's
+attention is sdpa, which runs a packed micro-batch under a dense (T x T) block-diagonal mask over
+its T tokens: packing pays more attention than the padding it saves, which is why grpo.pack=auto
+packs only under flash or flex attention (a GPU's path; not measured here). Each round runs one update
 (`GRPOModule.training_step`, no KL term, one update per step: the gradient passes only) with each
 method, in alternating order, on the same weights (SGD with lr 0; AdamW's step would add the same
 time to both). The update's time is the CPU time of the process (`time.process_time`), not the wall
@@ -23,7 +27,8 @@ and its FLOP rate as a fraction of this machine's measured fp32 matmul rate (bot
 per thread): 6 x the matmul
 parameters (the linear layers and the LM head) per token, forward and backward; attention's own
 matmuls (a few percent at these lengths) are left out. "useful" counts the rows' tokens,
-"computed" the padding too. The last line is `token-budget/fixed-row update time ratio: X.XX`.
+"computed" the padding too. The last two lines are the packed/padded token-budget ratio and
+`token-budget/fixed-row update time ratio: X.XX`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from rlvr.cli import CONF_DIR  # noqa: E402  (importing it registers conf's resolvers: prompt.instruction is one)
 from rlvr.data import build_prompt  # noqa: E402
 from rlvr.engines.protocol import Generation  # noqa: E402
 from rlvr.grpo import GRPOConfig  # noqa: E402
@@ -62,7 +68,7 @@ def math500_lengths(seed: int, scale: int) -> tuple[list[int], list[int]]:
     """8 prompts' lengths and 64 response lengths (8 per prompt), Qwen2.5 tokens divided by `scale`."""
     tokenizer = AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "qwen2.5")
     tokenizer.chat_template = (SHARED / "tokenizers" / "qwen2.5" / "qwen2_5.jinja").read_text()
-    prompt = OmegaConf.load(ROOT / "conf" / "config.yaml").prompt
+    prompt = OmegaConf.load(Path(CONF_DIR) / "config.yaml").prompt
     rows = [json.loads(line) for line in (SHARED / "data" / "math500" / "test.jsonl").read_text().splitlines()]
     solutions = [len(tokenizer(row["solution"])["input_ids"]) for row in rows]
     rng = random.Random(seed)
@@ -94,7 +100,7 @@ class OneProcess:
         reduce_boolean_decision = staticmethod(lambda decision, all=True: decision)  # noqa: A002
 
 
-def update_module(policy: nn.Module, **micro: int) -> tuple[GRPOModule, dict]:
+def update_module(policy: nn.Module, **micro: int | bool) -> tuple[GRPOModule, dict]:
     """A GRPOModule on `policy` whose training_step runs outside Lightning and records what it logs."""
     module = GRPOModule(policy, GRPOConfig(n=SAMPLES, kl_coef=0.0, **micro), batch_size=PROMPTS)
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
@@ -131,13 +137,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    spec = ModelSpec.from_config(OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml"))
+    spec = ModelSpec.from_config(OmegaConf.load(Path(CONF_DIR) / "model" / f"{args.model}.yaml"))
     policy = load_model(spec, load_tokenizer(spec))
     prompt_lengths, response_lengths = math500_lengths(args.seed, args.scale)
     rollout = make_rollout(prompt_lengths, response_lengths, policy.config.vocab_size, args.seed)
     budget = FIXED_ROWS * (max(prompt_lengths) + max(response_lengths))
     methods = {f"fixed-row ({FIXED_ROWS})": dict(micro_batch_size=FIXED_ROWS),
-               f"token-budget ({budget})": dict(micro_batch_tokens=budget)}
+               f"token-budget ({budget})": dict(micro_batch_tokens=budget),
+               "token-budget packed": dict(micro_batch_tokens=budget, pack=True)}
     modules = {name: update_module(policy, **micro) for name, micro in methods.items()}
     rows = rollout.input_ids.shape[0]
     useful = int(rollout.attention_mask.sum())
@@ -171,7 +178,8 @@ def main() -> None:
         flops = lambda tokens: 6 * params * tokens / (best[name] / torch.get_num_threads()) / rate  # noqa: E731
         print(f"{name:<22}{len(micro):>14}{padding:>14.3f}{best[name]:>19.2f}{statistics.mean(seconds[name]):>8.2f}"
               f"{flops(useful):>15.3f}{flops(computed):>17.3f}")
-    fixed, tokens = (best[name] for name in methods)
+    fixed, tokens, packed = (best[name] for name in methods)
+    print(f"token-budget packed/token-budget update time ratio: {packed / tokens:.2f}")
     print(f"token-budget/fixed-row update time ratio: {tokens / fixed:.2f}")
 
 

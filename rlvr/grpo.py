@@ -240,11 +240,24 @@ def clipped_policy_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def padded_tokens(lengths: Sequence[int], rows: Sequence[int]) -> int:
+def padded_tokens(lengths: Sequence[int], rows: Sequence[int], packed: bool = False) -> int:
     """The tokens one forward over `rows` computes, padding included. `lengths`: each row's prompt plus
     response. A micro-batch lays each row out as its prompt then its response, right-padded (the
-    rollout's left padding of prompts is dropped), so it is as wide as its longest row."""
+    rollout's left padding of prompts is dropped), so it is as wide as its longest row; `packed`, the
+    rows go back to back (grpo.pack) and there is no padding."""
+    if packed:
+        return sum(lengths[i] for i in rows)
     return len(rows) * max((lengths[i] for i in rows), default=0)
+
+
+def response_positions(starts: torch.Tensor, ends: torch.Tensor, responses: int) -> torch.Tensor:
+    """(b, responses) flat positions of the hidden states that predict each row's response tokens: the
+    position before each one. `starts` (b,): each row's first response position, `ends` (b,): one past
+    its last position, in the flattened layout (padded rows: row x width + column; packed rows: back to
+    back). A response shorter than `responses` is clamped to the row's second-to-last position (its
+    slots are masked out), so that the token it is paired with (position + 1) stays in the row."""
+    predicts = starts[:, None] - 1 + torch.arange(responses, device=starts.device)  # (b, r)
+    return torch.minimum(predicts, ends[:, None] - 2)
 
 
 def token_budget_micro_batches(lengths: Sequence[int], budget: int, max_padding: float = 0.05) -> list[list[int]]:
@@ -292,6 +305,7 @@ class GRPOConfig:
     mini_batch_size: int | None = None  # prompts per update; None = the whole batch, one update
     micro_batch_size: int = 8  # sequences per forward/backward
     micro_batch_tokens: int | None = None  # padded tokens per forward/backward, rows sorted by length; wins when set
+    pack: bool | str = "auto"  # a micro-batch's rows as one padding-free sequence; auto: flash or flex attention only
     clip_low: float | None = None  # None: CLIP_DEFAULTS[ratio_level]
     clip_high: float | None = None
     ratio_level: RatioLevel = "token"  # sequence: GSPO's length-normalized ratio of the whole response
@@ -336,6 +350,8 @@ class GRPOConfig:
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
             raise ValueError(f"grpo.micro_batch_tokens={self.micro_batch_tokens} must be at least 1 (or null: "
                              "grpo.micro_batch_size rows per micro-batch)")
+        if self.pack not in (True, False, "auto"):
+            raise ValueError(f"grpo.pack={self.pack!r}; choose auto, true or false")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"grpo.mini_batch_size={self.mini_batch_size} must be at least 1 (or null)")
         if self.loss_agg not in LOSS_AGGS:

@@ -71,20 +71,31 @@ class TokenLogprobs(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor,
-                responses: int, temperature: float, chunk_tokens: int,
-                entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(b, W) rows laid out as prompt then response, right-padded; `starts` (b,): each row's first
-        response column -> (b, responses) log-probs of the response tokens (and entropies)."""
+    def forward(self, ids: torch.Tensor, attention: torch.Tensor | None, positions: torch.Tensor, predicts: torch.Tensor,
+                temperature: float, chunk_tokens: int, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`ids`, `positions` (b, W): rows laid out as prompt then response, right-padded under `attention`;
+        or, `attention` None, (1, T): the rows back to back with positions restarting at 0 in each, which
+        transformers reads as packed sequences (a block-diagonal causal mask, or flash-attention's
+        cu_seqlens). `predicts` (b, r): the flat positions whose hidden states predict each row's
+        response tokens (rlvr.grpo.response_positions) -> (b, r) log-probs of those tokens (and entropies)."""
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
         hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions,
-                      use_cache=False).last_hidden_state  # (b, W, H)
-        # The column before each response token predicts it (clamped on padding, which is masked out)
-        predicts = starts[:, None] - 1 + torch.arange(responses, device=ids.device)  # (b, r)
-        predicts = predicts.clamp(0, ids.shape[1] - 2)
-        hidden = hidden.gather(1, predicts[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, r, H)
-        return grpo.token_logprobs_and_entropy(hidden, head.weight, ids.gather(1, predicts + 1), temperature, head.bias,
-                                               chunk_tokens=chunk_tokens, with_entropy=entropy)
+                      use_cache=False).last_hidden_state.flatten(0, 1)  # (b W or T, H)
+        return grpo.token_logprobs_and_entropy(hidden[predicts], head.weight, ids.flatten()[predicts + 1], temperature,
+                                               head.bias, chunk_tokens=chunk_tokens, with_entropy=entropy)
+
+
+def packs(pack: bool | str, policy: nn.Module) -> bool:
+    """Whether micro-batches run packed (grpo.pack). `auto`: only under flash attention (varlen kernels
+    over cu_seqlens; transformers calls every flavour "flash...") or flex attention (a block-sparse
+    mask), which compute a packed row at its own length. sdpa and eager (CPU's path) get a dense
+    (T x T) block mask instead: for b rows of about W tokens that is (b W)^2 attention scores against
+    the padded layout's b W^2, far more than the few percent of padding that sorted micro-batches
+    leave."""
+    if pack != "auto":
+        return bool(pack)
+    implementation = getattr(policy.config, "_attn_implementation", None) or ""
+    return "flash" in implementation or implementation == "flex_attention"
 
 
 class _Frozen:
@@ -131,6 +142,7 @@ class GRPOModule(L.LightningModule):
         self.config = config
         self.batch_size = batch_size
         self.updates_per_step = config.updates_per_step(batch_size, world)
+        self._pack = packs(config.pack, policy)
         self.adapted = adapters.is_adapted(policy)
         self.strict_loading = not self.adapted  # its checkpoints hold the adapter only (on_load_checkpoint checks them)
         self._reference = None
@@ -177,7 +189,8 @@ class GRPOModule(L.LightningModule):
 
         Each row is laid out as its prompt then its response, right-padded to the longest row: the
         micro-batch is as wide as its longest prompt + response (`grpo.padded_tokens`), not its longest
-        prompt plus its longest response, as the rollout's left-padded layout would make it."""
+        prompt plus its longest response, as the rollout's left-padded layout would make it. Packed
+        (grpo.pack), the same rows' tokens go back to back as one sequence, without the padding."""
         mask = rollout.response_mask[rows]  # (b, R)
         p = rollout.prompt_width
         prompt_lengths = rollout.attention_mask[rows, :p].sum(dim=1)  # (b,)
@@ -188,7 +201,16 @@ class GRPOModule(L.LightningModule):
         source = (columns + (p - prompt_lengths)[:, None]).clamp(max=rollout.input_ids.shape[1] - 1)  # (b, W)
         ids = rollout.input_ids[rows].gather(1, source) * attention  # (b, W), padding id 0 (never attended)
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (b, W)
-        logp, ent = model(ids, attention, positions, prompt_lengths, r, self.config.temperature,
+        if self._pack:  # the real tokens, row after row: (1, T)
+            real = attention.bool()
+            ids, positions, attention = ids[real][None], positions[real][None], None
+            ends = lengths.cumsum(dim=0)
+            offsets = ends - lengths
+        else:
+            offsets = torch.arange(len(rows), device=rows.device) * width
+            ends = offsets + width
+        predicts = grpo.response_positions(offsets + prompt_lengths, ends, r)  # (b, r)
+        logp, ent = model(ids, attention, positions, predicts, self.config.temperature,
                           self.config.logprob_chunk_tokens, entropy)
         return logp, ent, mask[:, :r]
 
@@ -281,7 +303,7 @@ class GRPOModule(L.LightningModule):
         self.log("time/update_s", update_s, **timing)
         # What each forward computed, padding included (the empty micro-batches' stand-in rows left out)
         lengths = rollout.attention_mask.sum(dim=1).tolist()
-        computed = sum(grpo.padded_tokens(lengths, rows.tolist()) for mini in minis for rows in mini)
+        computed = sum(grpo.padded_tokens(lengths, rows.tolist(), self._pack) for mini in minis for rows in mini)
         synced = dict(timing, sync_dist=True)
         self.log("train/padding_frac", 1.0 - sum(lengths) / computed, **synced)  # the mean over ranks
         self.log("train/update_tokens_per_s", c.ppo_epochs * sum(lengths) / update_s, **{**synced, "reduce_fx": "sum"})

@@ -114,7 +114,7 @@ def test_the_reference_is_the_base_with_the_adapter_off_and_only_the_adapter_is_
             if "lora_B" in name:
                 param.normal_()  # an adapter that changes the output
     module = GRPOModule(policy, GRPOConfig(kl_coef=0.001), batch_size=1)
-    args = (ids, torch.ones_like(ids), torch.arange(6)[None], torch.tensor([1]), 5, 1.0, 512, False)
+    args = (ids, torch.ones_like(ids), torch.arange(6)[None], torch.arange(5)[None], 1.0, 512, False)
     with torch.no_grad():
         reference, _ = module._reference.logprobs(*args)
         adapted, _ = module._policy_logprobs(*args)

@@ -175,6 +175,25 @@ def test_padded_tokens_by_hand():
     assert grpo.padded_tokens([3, 9, 7], []) == 0
 
 
+def test_packed_tokens_have_no_padding():
+    assert grpo.padded_tokens([3, 9, 7], [0, 2], packed=True) == 10
+    assert grpo.padded_tokens([3, 9, 7], [], packed=True) == 0
+
+
+def test_response_positions_by_hand():
+    # Packed: rows of 5 (prompt 2, response 3) and 4 tokens (prompt 3, response 1) back to back, at 0 and 5
+    starts, ends = torch.tensor([0 + 2, 5 + 3]), torch.tensor([5, 9])
+    assert grpo.response_positions(starts, ends, 3).tolist() == [[1, 2, 3], [7, 7, 7]]  # row 1 clamped at 9 - 2
+    # The same rows padded to width 5: row 1 at 5..9, its padding column 9 included
+    starts, ends = torch.tensor([0 + 2, 5 + 3]), torch.tensor([5, 10])
+    assert grpo.response_positions(starts, ends, 3).tolist() == [[1, 2, 3], [7, 8, 8]]
+
+
+def test_config_rejects_an_unknown_pack_setting():
+    with pytest.raises(ValueError, match="grpo.pack='yes'"):
+        grpo.GRPOConfig(pack="yes")
+
+
 def test_token_budget_micro_batches_by_hand():
     # Longest first: 10 (row 1), 9 (3), 4 (2), 3 (0), 2 (4). Budget 20: rows 1 and 3 fill 2 x 10 = 20
     # (19 useful: 5% padding, at the bound); row 2 would make 3 x 10 = 30 > 20. Then 2 x 4 = 8 padded

@@ -56,9 +56,10 @@ def test_pack_rollout_layout():
     assert r.prompt_width == 3
 
 
-def test_logprobs_of_padded_rows_match_an_unpadded_forward(tokenizer):
+@pytest.mark.parametrize("pack", [False, True])
+def test_logprobs_of_padded_or_packed_rows_match_an_unpadded_forward(tokenizer, pack):
     policy = make_policy(tokenizer)
-    module = GRPOModule(policy, GRPOConfig(n=2, kl_coef=0.0), batch_size=1)
+    module = GRPOModule(policy, GRPOConfig(n=2, kl_coef=0.0, pack=pack), batch_size=1)
     prompts, completions = [[10, 11, 12, 13]], [[20, 21, 22], [30]]
     rollout = pack_rollout(prompts, generated(completions), 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
                            rewards_for([0, 0]))
@@ -139,9 +140,14 @@ def uneven_rollout(tokenizer):
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_token_budget_micro_batches_give_the_fixed_row_loss_and_gradient(tokenizer, uneven_rollout, loss_agg):
     """The same rollout cut into 4 rows per micro-batch, or by a budget of 24 tokens (rows sorted by
-    length, groups mixed): the same loss and gradient, to float rounding (fp32)."""
+    length, groups mixed), or 4 rows packed into one sequence (grpo.pack=true: sdpa under a
+    block-diagonal mask, rows of 8 to 15 tokens with no padding): the same loss and gradient, to
+    float rounding (fp32)."""
     _, fixed, fixed_grad = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, loss_agg=loss_agg)
     module, budget, budget_grad = _one_update(tokenizer, uneven_rollout, micro_batch_tokens=24, loss_agg=loss_agg)
+    packed_module, packed, packed_grad = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, loss_agg=loss_agg,
+                                                     pack=True)
+    assert packed_module._pack and not module._pack  # grpo.pack=auto on sdpa: padded
     micro = module._micro_batches(uneven_rollout, 0, 8)
     assert [r.tolist() for r in micro] == [[1], [5], [0, 4], [3, 7], [2, 6]]  # 15, 15, 2 x 12, 2 x 9, 2 x 8 tokens
     lengths = uneven_rollout.attention_mask.sum(dim=1).tolist()
@@ -149,15 +155,19 @@ def test_token_budget_micro_batches_give_the_fixed_row_loss_and_gradient(tokeniz
     assert fixed_grad.norm() > 0
     for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/kl", "train/entropy"):
         assert budget[key] == pytest.approx(fixed[key], rel=1e-5), key
+        assert packed[key] == pytest.approx(fixed[key], rel=1e-5), key
     assert torch.allclose(budget_grad, fixed_grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(packed_grad, fixed_grad, rtol=1e-5, atol=1e-7)
     assert budget["train/padding_frac"] < fixed["train/padding_frac"]
+    assert packed["train/padding_frac"] == 0.0 < fixed["train/padding_frac"]  # the same rows as fixed, unpadded
     assert budget["train/update_tokens_per_s"] > 0
 
 
-def test_an_empty_micro_batch_adds_nothing(tokenizer, uneven_rollout):
+@pytest.mark.parametrize("pack", [False, True])
+def test_an_empty_micro_batch_adds_nothing(tokenizer, uneven_rollout, pack):
     """What a rank with fewer micro-batches runs to match the others' collectives: a forward and a
     backward whose loss and gradient are zero."""
-    module, _, _ = _one_update(tokenizer, uneven_rollout, micro_batch_size=4)
+    module, _, _ = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, pack=pack)
     module.policy.zero_grad(set_to_none=False)
     advantages = torch.ones(8)
     stats = module._micro_step(uneven_rollout, torch.zeros(0, dtype=torch.long), advantages, None, None, 10.0, 8.0)
