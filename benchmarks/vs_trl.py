@@ -49,7 +49,7 @@ def config(args: argparse.Namespace, output_dir: Path) -> DictConfig:
             "samples.every=null", f"save_every={10 * args.steps}", f"output_dir={output_dir}",
             f"rollout.engine={args.engine}",
             # rlvr only: micro-batches by token budget (rows sorted by length); TRL has no such option
-            *([f"grpo.micro_batch_tokens={args.micro_batch_tokens}"] if args.micro_batch_tokens else []),
+            *([f"grpo.micro_batch_tokens={args.micro_batch_tokens}"] if args.micro_batch_tokens is not None else []),
         ])
 
 
