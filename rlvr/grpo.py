@@ -260,10 +260,12 @@ def response_positions(starts: torch.Tensor, ends: torch.Tensor, responses: int)
     return torch.minimum(predicts, ends[:, None] - 2)
 
 
-def token_budget_micro_batches(lengths: Sequence[int], budget: int, max_padding: float = 0.05) -> list[list[int]]:
+def token_budget_micro_batches(lengths: Sequence[int], budget: int, max_padding: float = 0.05,
+                               packed: bool = False) -> list[list[int]]:
     """Row indices grouped into micro-batches of at most `budget` padded tokens (`padded_tokens`), each
     at most `max_padding` padding; a row longer than the budget goes alone. `lengths`: prompt plus
-    response of each row.
+    response of each row. `packed` (grpo.pack): a micro-batch computes its rows' tokens and no padding,
+    so the budget bounds their sum and the padding bound does not apply.
 
     Sorted, then filled (next-fit decreasing): rows longest first (ties by index), each micro-batch
     taking the next row while the budget allows and its padding stays within `max_padding`. The
@@ -282,8 +284,8 @@ def token_budget_micro_batches(lengths: Sequence[int], budget: int, max_padding:
     useful = 0  # the current micro-batch's tokens; its width is its first (longest) row's length
     for i in order:
         if current:
-            padded = (len(current) + 1) * lengths[current[0]]
-            if padded > budget or useful + lengths[i] < (1.0 - max_padding) * padded:
+            padded = useful + lengths[i] if packed else (len(current) + 1) * lengths[current[0]]
+            if padded > budget or (not packed and useful + lengths[i] < (1.0 - max_padding) * padded):
                 batches.append(current)
                 current, useful = [], 0
         current.append(i)

@@ -223,7 +223,7 @@ class GRPOModule(L.LightningModule):
                     for m in range(start, end, c.micro_batch_size)]
         lengths = rollout.attention_mask[start:end].sum(dim=1).tolist()  # prompt + response of each row
         return [torch.tensor(rows, device=device) + start
-                for rows in grpo.token_budget_micro_batches(lengths, c.micro_batch_tokens)]
+                for rows in grpo.token_budget_micro_batches(lengths, c.micro_batch_tokens, packed=self._pack)]
 
     def _even_out(self, minis: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
         """Pad each mini-batch with empty micro-batches up to the most any rank has: under FSDP2 every

@@ -206,6 +206,10 @@ def test_token_budget_micro_batches_by_hand():
     assert grpo.token_budget_micro_batches([30, 5, 5], 20) == [[0], [1, 2]]
     # Equal lengths: as many rows as fit, in index order.
     assert grpo.token_budget_micro_batches([4] * 5, 8) == [[0, 1], [2, 3], [4]]
+    # Packed (grpo.pack): the budget bounds the rows' sum and padding does not count. Longest first:
+    # 10 + 9 = 19 <= 20, + 4 = 23 > 20; then 4 + 3 + 2 = 9 in one, where padded they went alone.
+    assert grpo.token_budget_micro_batches(lengths, 20, packed=True) == [[1, 3], [2, 0, 4]]
+    assert grpo.token_budget_micro_batches([30, 5, 5], 20, packed=True) == [[0], [1, 2]]
 
 
 def test_token_budget_micro_batches_stay_within_the_budget_and_the_padding_bound():
