@@ -45,11 +45,12 @@ CLIP_DEFAULTS: dict[str, tuple[float, float]] = {"token": (0.2, 0.2), "sequence"
 def group_advantages(rewards: torch.Tensor, n: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """(B,) rewards laid out group after group (n per prompt) -> (B,) advantages."""
     groups = rewards.float().view(-1, n)  # (G, n)
-    centered = groups - groups.mean(dim=1, keepdim=True)  # (G, n)
+    # A tied group is exactly zero: its float mean can differ from its value in the last bit (7 x 0.3).
+    tied = (groups == groups[:, :1]).all(dim=1, keepdim=True)  # (G, 1)
+    centered = torch.where(tied, 0.0, groups - groups.mean(dim=1, keepdim=True))  # (G, n)
     if scale:
         std = groups.std(dim=1, keepdim=True) if n > 1 else torch.zeros_like(groups[:, :1])  # (G, 1)
-        # A tied group is exactly zero, whatever eps is (0 / 0 would be NaN).
-        centered = torch.where(std > 0, centered / (std + eps), torch.zeros_like(centered))
+        centered = torch.where(tied, 0.0, centered / (std + eps))
     return centered.view(-1)  # (B,)
 
 

@@ -25,8 +25,12 @@ An update whose loss or gradient is not finite is skipped: its gradients are dro
 optimizer step, so neither the weights nor AdamW's moments see it. It is counted, and too many in a
 row stop the run. An update whose gradient is exactly zero (every group's rewards tie and no KL or
 entropy term acts) is skipped the same way: AdamW would otherwise still move every weight, by its
-moments from earlier updates and by weight decay, along no signal at all. The checkpoint also
-carries every RNG state and those counters.
+moments from earlier updates and by weight decay, along no signal at all. With no KL and no entropy
+term, the rows of tied groups (advantage 0) are not even run: they add exactly 0 to the loss and the
+gradient, and still count in its normalizers, so at low accuracy the update computes only the groups
+that carry a signal. The diagnostics (entropy, clip fraction, TIS weight, engine gap) are then means
+over the rows that ran, and NaN on a step that ran none. The checkpoint also carries every RNG state
+and those counters.
 """
 
 from __future__ import annotations
@@ -125,6 +129,8 @@ class _AdapterOff:
         self.logprobs = logprobs
 
 
+# Logged means over the tokens an update computed, not over the loss's normalizer
+DIAGNOSTICS = ("pg_clipfrac", "kl", "entropy", "tis_weight", "logprob_gap_mean")
 REWARD_KEYS = ("verify", "format", "reflect", "total", "accuracy")
 
 
@@ -214,16 +220,27 @@ class GRPOModule(L.LightningModule):
                           self.config.logprob_chunk_tokens, entropy)
         return logp, ent, mask[:, :r]
 
-    def _micro_batches(self, rollout: Rollout, start: int, end: int) -> list[torch.Tensor]:
-        """Rows start..end-1 (a mini-batch of whole groups) cut into micro-batches: `micro_batch_size`
+    def _signal_rows(self, advantages: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the rows whose loss can have a gradient. With no KL and no entropy term, a row of
+        advantage 0 (every row of a tied group) adds exactly 0 to the loss and its gradient, whatever
+        its ratio, so its forward and backward are skipped; it still counts in the loss's normalizers,
+        so the other rows' loss and gradient are unchanged. At low accuracy most groups tie, and this is
+        most of the update's time."""
+        if self._reference is not None or self.config.entropy_coef:
+            return torch.ones_like(advantages, dtype=torch.bool)
+        return advantages != 0
+
+    def _micro_batches(self, rollout: Rollout, rows: torch.Tensor) -> list[torch.Tensor]:
+        """`rows` (of one mini-batch of whole groups, ascending) cut into micro-batches: `micro_batch_size`
         consecutive rows, or when `micro_batch_tokens` is set, by length under that budget."""
-        c, device = self.config, rollout.input_ids.device
+        c = self.config
+        if not len(rows):
+            return []
         if c.micro_batch_tokens is None:
-            return [torch.arange(m, min(m + c.micro_batch_size, end), device=device)
-                    for m in range(start, end, c.micro_batch_size)]
-        lengths = rollout.attention_mask[start:end].sum(dim=1).tolist()  # prompt + response of each row
-        return [torch.tensor(rows, device=device) + start
-                for rows in grpo.token_budget_micro_batches(lengths, c.micro_batch_tokens, packed=self._pack)]
+            return list(rows.split(c.micro_batch_size))
+        lengths = rollout.attention_mask[rows].sum(dim=1).tolist()  # prompt + response of each row
+        return [rows[torch.tensor(batch, dtype=torch.long, device=rows.device)]
+                for batch in grpo.token_budget_micro_batches(lengths, c.micro_batch_tokens, packed=self._pack)]
 
     def _even_out(self, minis: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
         """Pad each mini-batch with empty micro-batches up to the most any rank has: under FSDP2 every
@@ -248,8 +265,10 @@ class GRPOModule(L.LightningModule):
         # Mini-batches of whole groups (this rank's share of each); micro-batches cut inside them.
         world = self.trainer.world_size
         rows_per_mini = (c.mini_batch_size or self.batch_size) // world * c.n
-        minis = self._even_out([self._micro_batches(rollout, s, min(s + rows_per_mini, num_rows))
-                                for s in range(0, num_rows, rows_per_mini)])
+        spans = [torch.arange(s, min(s + rows_per_mini, num_rows), device=device)
+                 for s in range(0, num_rows, rows_per_mini)]
+        signal = self._signal_rows(advantages)  # (N,) bool: the rows whose forward and backward can matter
+        minis = self._even_out([self._micro_batches(rollout, span[signal[span]]) for span in spans])
         old_logp: dict[tuple[int, int], torch.Tensor] = {}  # by (mini-batch, micro-batch)
         ref_logp: dict[tuple[int, int], torch.Tensor] = {}
         began = time.perf_counter()
@@ -263,26 +282,31 @@ class GRPOModule(L.LightningModule):
 
         logprobs_done = time.perf_counter()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        sums = dict.fromkeys(("loss", "pg_loss", "pg_clipfrac", "kl", "entropy", "grad_norm", "tis_weight"), 0.0)
-        gap_max = 0.0
+        sums = dict.fromkeys(("loss", "pg_loss", "grad_norm"), 0.0)  # means over the updates
+        diagnostics = dict.fromkeys(DIAGNOSTICS, 0.0)  # means over the updates that computed any token
+        measured, gap_max = 0, 0.0
         for _ in range(c.ppo_epochs):
             for m, mini in enumerate(minis):
                 # Global counts over the ranks, divided by world: DDP averages the ranks' gradients.
-                local = torch.tensor([sum(float((rollout.response_mask[rows] * self._kept(rollout, rows)[:, None]).sum())
-                                          for rows in mini),
-                                      sum(float(self._kept(rollout, rows).sum()) for rows in mini)],
-                                     dtype=torch.float64, device=device)
-                num_tokens, num_seqs = (self.trainer.strategy.reduce(local, reduce_op="sum") / world).tolist()
+                # Over all the mini-batch's rows, skipped ones included: they count in the loss's mean.
+                span, ran = spans[m], torch.cat([spans[m][:0], *mini])
+                local = torch.tensor([self._kept_tokens(rollout, span), float(self._kept(rollout, span).sum()),
+                                      self._kept_tokens(rollout, ran)], dtype=torch.float64, device=device)
+                num_tokens, num_seqs, ran_tokens = (self.trainer.strategy.reduce(local, reduce_op="sum") / world).tolist()
                 optimizer.zero_grad()
                 update_loss = 0.0
                 for i, rows in enumerate(mini):
                     with self._gradient_sync(last=i == len(mini) - 1):
                         stats = self._micro_step(rollout, rows, advantages, old_logp.get((m, i)), ref_logp.get((m, i)),
-                                                 num_tokens, num_seqs)
+                                                 num_tokens, num_seqs, ran_tokens)
                     update_loss += stats["loss"]
                     gap_max = max(gap_max, stats.pop("logprob_gap_max"))
                     for key, value in stats.items():
-                        sums[key] = sums.get(key, 0.0) + value / self.updates_per_step
+                        if key in diagnostics:
+                            diagnostics[key] += value
+                        else:
+                            sums[key] += value / self.updates_per_step
+                measured += ran_tokens > 0
                 grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(adapters.trainable(self.policy), c.max_grad_norm))
                 sums["grad_norm"] += float(grad_norm) / self.updates_per_step
                 finite = math.isfinite(float(grad_norm)) and math.isfinite(update_loss)
@@ -296,17 +320,23 @@ class GRPOModule(L.LightningModule):
                 optimizer.step()  # after a skip no parameter has a gradient, so AdamW leaves all as they are
                 scheduler.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients now: the weight push and the next rollout need the room
-        sums["logprob_gap_max"] = gap_max
+        sums.update({key: value / measured if measured else math.nan for key, value in diagnostics.items()})
+        sums["logprob_gap_max"] = gap_max if measured else math.nan
         update_s = time.perf_counter() - logprobs_done
         timing = dict(on_step=True, on_epoch=False, batch_size=1)
         self.log("time/logprobs_s", logprobs_done - began, **timing)  # old (several updates) and reference log-probs
         self.log("time/update_s", update_s, **timing)
-        # What each forward computed, padding included (the empty micro-batches' stand-in rows left out)
+        # What each forward computed, padding included (the empty micro-batches' stand-in rows left out),
+        # against the real tokens of the rows it ran, over all ranks
         lengths = rollout.attention_mask.sum(dim=1).tolist()
-        computed = sum(grpo.padded_tokens(lengths, rows.tolist(), self._pack) for mini in minis for rows in mini)
-        synced = dict(timing, sync_dist=True)
-        self.log("train/padding_frac", 1.0 - sum(lengths) / computed, **synced)  # the mean over ranks
-        self.log("train/update_tokens_per_s", c.ppo_epochs * sum(lengths) / update_s, **{**synced, "reduce_fx": "sum"})
+        batches = [rows.tolist() for mini in minis for rows in mini]
+        local = torch.tensor([sum(lengths[r] for rows in batches for r in rows),
+                              sum(grpo.padded_tokens(lengths, rows, self._pack) for rows in batches)],
+                             dtype=torch.float64, device=device)
+        real, computed = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        self.log("train/padding_frac", 1.0 - real / computed if computed else math.nan, **timing)
+        self.log("train/update_tokens_per_s", c.ppo_epochs * float(local[0]) / update_s,
+                 **{**timing, "sync_dist": True, "reduce_fx": "sum"})
         self._log_step(sums, rollout, rewards)
 
     def _gradient_sync(self, last: bool):
@@ -389,8 +419,10 @@ class GRPOModule(L.LightningModule):
 
     def _micro_step(self, rollout: Rollout, rows: torch.Tensor, advantages: torch.Tensor,
                     old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                    num_tokens: float, num_seqs: float) -> dict[str, float]:
-        """Backward of this micro-batch's share of the mini-batch loss; returns its share of the stats."""
+                    num_tokens: float, num_seqs: float, ran_tokens: float) -> dict[str, float]:
+        """Backward of this micro-batch's share of the mini-batch loss; returns its share of the stats:
+        of the loss over the mini-batch's `num_tokens`, of the diagnostics (clip fraction, KL, entropy,
+        TIS weight, engine gap) over the `ran_tokens` that the update computed (NaN when it computed none)."""
         c = self.config
         live = len(rows) > 0
         rows = _forward_rows(rows)
@@ -414,10 +446,14 @@ class GRPOModule(L.LightningModule):
             kl_tok = grpo.kl_low_var(logp, ref_logp)
             loss = loss + c.kl_coef * grpo.aggregate(kl_tok, mask, **agg)
         self.manual_backward(loss)
-        token_mean = lambda x: float((x.detach().float() * mask).sum()) / num_tokens  # noqa: E731
+        token_mean = lambda x: float((x.detach().float() * mask).sum()) / ran_tokens if ran_tokens else math.nan  # noqa: E731
         return {"loss": float(loss.detach()), "pg_loss": float(pg_loss.detach()), "pg_clipfrac": token_mean(clipped),
                 "kl": token_mean(kl_tok), "entropy": token_mean(entropy), "tis_weight": token_mean(tis),
                 "logprob_gap_mean": token_mean(gap), "logprob_gap_max": float(gap.max())}
+
+    def _kept_tokens(self, rollout: Rollout, rows: torch.Tensor) -> float:
+        """The response tokens of `rows` that count in the loss."""
+        return float((rollout.response_mask[rows] * self._kept(rollout, rows)[:, None]).sum())
 
     def _kept(self, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
         """(b,) 1.0 on the rows that count in the loss (grpo.mask_truncated drops the cut-off ones)."""

@@ -27,6 +27,14 @@ def test_dr_grpo_advantages_are_only_centered():
     assert adv.tolist() == pytest.approx([-0.5, 0.5, 2.0, -2.0])
 
 
+@pytest.mark.parametrize("scale", [True, False])
+def test_a_tied_group_is_exactly_zero_when_its_float_mean_is_not_its_value(scale):
+    # 7 x 0.3 (a reward weighted by 0.3) sums to a float whose seventh is not 0.3's float in the last bit
+    rewards = torch.full((7,), 0.3)
+    assert (rewards - rewards.mean()).any()
+    assert not grpo.group_advantages(rewards, n=7, scale=scale).any()
+
+
 def test_tied_groups():
     assert grpo.tied_groups(torch.tensor([1.0, 1.0, 0.0, 1.0]), n=2).tolist() == [True, False]
 

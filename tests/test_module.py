@@ -1,6 +1,7 @@
 """The GRPO module, the HF engine and the rollout callback on a tiny random model."""
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def _one_step_grad(tokenizer, micro_batch_size, loss_agg):
     num_tokens = float(rollout.response_mask.sum())
     for start in range(0, 4, micro_batch_size):
         rows = torch.arange(start, min(start + micro_batch_size, 4))
-        module._micro_step(rollout, rows, advantages, None, None, num_tokens, 4.0)
+        module._micro_step(rollout, rows, advantages, None, None, num_tokens, 4.0, num_tokens)
     return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
 
 
@@ -102,6 +103,7 @@ class OneProcess:
     """What GRPOModule.training_step asks of a Lightning trainer, in one process."""
 
     world_size = 1
+    is_global_zero = True
 
     class strategy:  # noqa: N801
         reduce = staticmethod(lambda tensor, reduce_op=None: tensor)
@@ -111,7 +113,7 @@ class OneProcess:
 def _one_update(tokenizer, rollout, **config):
     """One training_step (one update) of a fresh tiny policy -> (what it logged, the gradient it stepped with)."""
     policy = make_policy(tokenizer)
-    module = GRPOModule(policy, GRPOConfig(n=4, kl_coef=0.01, max_new_tokens=12, **config), batch_size=2)
+    module = GRPOModule(policy, GRPOConfig(**{"n": 4, "kl_coef": 0.01, "max_new_tokens": 12, **config}), batch_size=2)
     module._trainer = OneProcess()
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
     stepped = []
@@ -148,7 +150,7 @@ def test_token_budget_micro_batches_give_the_fixed_row_loss_and_gradient(tokeniz
     packed_module, packed, packed_grad = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, loss_agg=loss_agg,
                                                      pack=True)
     assert packed_module._pack and not module._pack  # grpo.pack=auto on sdpa: padded
-    micro = module._micro_batches(uneven_rollout, 0, 8)
+    micro = module._micro_batches(uneven_rollout, torch.arange(8))
     assert [r.tolist() for r in micro] == [[1], [5], [0, 4], [3, 7], [2, 6]]  # 15, 15, 2 x 12, 2 x 9, 2 x 8 tokens
     lengths = uneven_rollout.attention_mask.sum(dim=1).tolist()
     assert all(len(r) == 1 or grpo.padded_tokens(lengths, r.tolist()) <= 24 for r in micro)
@@ -163,6 +165,48 @@ def test_token_budget_micro_batches_give_the_fixed_row_loss_and_gradient(tokeniz
     assert budget["train/update_tokens_per_s"] > 0
 
 
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_tied_rows_are_skipped_without_changing_the_loss_or_gradient(tokenizer, uneven_rollout, loss_agg, monkeypatch):
+    """KL 0 and entropy 0: the second group ties, so its rows (advantage 0) are not run, yet they still
+    count in the normalizers: the loss and gradient are those of running every row."""
+    rollout = copy.deepcopy(uneven_rollout)
+    rollout.rewards.total = torch.tensor([1.0, 0, 0, 1, 0.5, 0.5, 0.5, 0.5])
+    config = dict(kl_coef=0.0, entropy_coef=0.0, micro_batch_size=2, loss_agg=loss_agg)
+    ran = []
+    original = GRPOModule._logprobs
+    monkeypatch.setattr(GRPOModule, "_logprobs", lambda self, model, r, rows, entropy: ran.append(rows.tolist())
+                        or original(self, model, r, rows, entropy))
+    _, skipped, skipped_grad = _one_update(tokenizer, rollout, **config)
+    assert ran == [[0, 1], [2, 3]]
+    monkeypatch.setattr(GRPOModule, "_signal_rows", lambda self, advantages: torch.ones_like(advantages, dtype=torch.bool))
+    _, every, every_grad = _one_update(tokenizer, rollout, **config)
+    assert ran[2:] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert skipped_grad.norm() > 0
+    assert torch.allclose(skipped_grad, every_grad, rtol=1e-5, atol=1e-7)
+    for key in ("train/loss", "train/pg_loss", "train/grad_norm"):
+        assert skipped[key] == pytest.approx(every[key], rel=1e-5), key
+
+
+def test_a_step_whose_groups_all_tie_runs_no_forward(tokenizer, uneven_rollout, monkeypatch):
+    """Nothing to learn and nothing to compute: no forward, no optimizer step, and the diagnostics
+    that no token measured are NaN rather than a made-up 0."""
+    rollout = copy.deepcopy(uneven_rollout)
+    rollout.rewards.total = torch.zeros(8)
+    monkeypatch.setattr(GRPOModule, "_logprobs", lambda *args, **kwargs: pytest.fail("a forward ran"))
+    policy = make_policy(tokenizer)
+    module = GRPOModule(policy, GRPOConfig(n=4, kl_coef=0.0, entropy_coef=0.0, max_new_tokens=12), batch_size=2)
+    module._trainer = OneProcess()
+    module.optimizers = lambda: torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    module.lr_schedulers = lambda: SimpleNamespace(step=lambda: None, get_last_lr=lambda: [0.0])
+    logged = {}
+    module.log = lambda key, value, **kwargs: logged.__setitem__(key, value)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    module.training_step({"rollout": rollout, "step": 0}, 0)
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+    assert module.no_signal_updates == 1 and logged["train/grad_norm"] == 0.0 and logged["train/loss"] == 0.0
+    assert math.isnan(logged["train/entropy"]) and math.isnan(logged["train/padding_frac"])
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_an_empty_micro_batch_adds_nothing(tokenizer, uneven_rollout, pack):
     """What a rank with fewer micro-batches runs to match the others' collectives: a forward and a
@@ -170,7 +214,7 @@ def test_an_empty_micro_batch_adds_nothing(tokenizer, uneven_rollout, pack):
     module, _, _ = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, pack=pack)
     module.policy.zero_grad(set_to_none=False)
     advantages = torch.ones(8)
-    stats = module._micro_step(uneven_rollout, torch.zeros(0, dtype=torch.long), advantages, None, None, 10.0, 8.0)
+    stats = module._micro_step(uneven_rollout, torch.zeros(0, dtype=torch.long), advantages, None, None, 10.0, 8.0, 10.0)
     assert stats["loss"] == 0.0 and stats["entropy"] == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in module.policy.parameters())
 
@@ -480,7 +524,8 @@ def _grad(policy, config, rollout, advantages, num_tokens, num_seqs):
     module = GRPOModule(policy, config, batch_size=2)
     module.manual_backward = lambda loss: loss.backward()
     policy.zero_grad()
-    module._micro_step(rollout, torch.arange(rollout.input_ids.shape[0]), advantages, None, None, num_tokens, num_seqs)
+    module._micro_step(rollout, torch.arange(rollout.input_ids.shape[0]), advantages, None, None, num_tokens, num_seqs,
+                       num_tokens)
     return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
 
 
