@@ -12,6 +12,7 @@ from its own seed (seed, step, problem), never from the global RNG: validating n
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -37,6 +38,7 @@ class ValidationCallback(L.Callback):
         seed: int = 0,
         system_prompt: str | None = None,
         instruction: str = "",
+        shots: Sequence[tuple[str, str]] = (),
     ) -> None:
         if every < 1:
             raise ValueError(f"validation.every must be at least 1, got {every}")
@@ -50,6 +52,7 @@ class ValidationCallback(L.Callback):
         self.seed = seed
         self.system_prompt = system_prompt
         self.instruction = instruction
+        self.shots = shots
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
         done = batch["step"] + 1
@@ -61,6 +64,7 @@ class ValidationCallback(L.Callback):
             result, _ = evaluate_benchmark(
                 name, examples, self.engine, self.tokenizer, self.scorer, self.sampling,
                 seed=self.seed, step=done, system_prompt=self.system_prompt, instruction=self.instruction,
+                shots=self.shots,
             )
             metrics[f"val/{name}/accuracy"] = result.pass1
             for signal in ("verify", "format", "reflect"):

@@ -196,6 +196,7 @@ def check_config(cfg: DictConfig, profile: str | None = None) -> None:
     if cfg.model.chat_template and not Path(cfg.model.chat_template).is_file():
         raise UserError(f"model.chat_template={cfg.model.chat_template}: no such file")
     _check_data(cfg)
+    prompt_shots(cfg.prompt)
     check_benchmarks("validation.benchmarks", cfg.validation.benchmarks, cfg.benchmark_sources)
     _check_resume(cfg)
 
@@ -236,6 +237,21 @@ def check_benchmarks(key: str, names: Any, sources: Any) -> None:
             raise UserError(f"{key}: {name!r} is not in benchmark_sources; choose one of "
                             f"{sorted(sources)} or add +benchmark_sources.{name}=FILE.jsonl")
         check_source(f"benchmark_sources.{name}", str(sources[name]), DATA_HINT)
+
+
+def prompt_shots(prompt: DictConfig) -> tuple[tuple[str, str], ...]:
+    """`prompt.shots`, worked examples put before each question as chat turns: a list of
+    {question, answer} -> (question, answer) pairs."""
+    shots = prompt.get("shots") or []
+    pairs = []
+    for i, shot in enumerate(shots):
+        if not isinstance(shot, DictConfig) or not all(isinstance(shot.get(k), str) and shot.get(k).strip()
+                                                       for k in ("question", "answer")):
+            raise UserError(f"prompt.shots[{i}]={OmegaConf.to_container(shot) if isinstance(shot, DictConfig) else shot!r}: "
+                            "each shot needs a non-empty question and answer, e.g. "
+                            "{question: 'What is 2 + 5?', answer: '2 + 5 = \\boxed{7}'}")
+        pairs.append((shot.question, shot.answer))
+    return tuple(pairs)
 
 
 def grpo_config(cfg: DictConfig):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,9 +244,16 @@ def build_prompt(
     tokenizer: PreTrainedTokenizerBase,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     instruction: str = DEFAULT_INSTRUCTION,
+    shots: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The chat-templated prompt text, ending where the assistant's response begins."""
+    """The chat-templated prompt text, ending where the assistant's response begins. `shots`: worked
+    (question, answer) pairs (prompt.shots), each put before the question as a user turn (with the
+    instruction) and an assistant turn: a small model copies a format from a turn it has seen far more
+    faithfully than from an instruction."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for shot_question, shot_answer in shots:
+        messages.append({"role": "user", "content": f"{shot_question.strip()}\n\n{instruction}".strip()})
+        messages.append({"role": "assistant", "content": shot_answer})
     messages.append({"role": "user", "content": f"{question.strip()}\n\n{instruction}".strip()})
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -340,9 +347,11 @@ class PromptDataModule(L.LightningDataModule):
         max_prompt_tokens: int = 1024,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         instruction: str = DEFAULT_INSTRUCTION,
+        shots: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__()
         self.examples = examples
+        self.shots = shots
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.seed = seed
@@ -357,7 +366,8 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
-        texts = [build_prompt(e.question, self.tokenizer, self.system_prompt, self.instruction) for e in self.examples]
+        texts = [build_prompt(e.question, self.tokenizer, self.system_prompt, self.instruction, self.shots)
+                 for e in self.examples]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         keep = [i for i, p in enumerate(ids) if len(p) <= self.max_prompt_tokens]
         self.dropped = len(ids) - len(keep)

@@ -127,11 +127,12 @@ def evaluate_benchmark(
     system_prompt: str | None = None,
     instruction: str = "",
     step: int = 0,
+    shots: Sequence[tuple[str, str]] = (),
 ) -> tuple[BenchmarkResult, list[dict[str, Any]]]:
     """Generate `params.n` samples per problem, grade them, and return the numbers and the samples.
     Problem i samples with seed prompt_seeds(seed, step, [i])."""
     began = time.perf_counter()
-    texts = [build_prompt(e.question, tokenizer, system_prompt, instruction) for e in examples]
+    texts = [build_prompt(e.question, tokenizer, system_prompt, instruction, shots) for e in examples]
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
     completions = engine.generate(prompts, params, prompt_seeds(seed, step, range(len(prompts)))).tokens
     responses = tokenizer.batch_decode(completions, skip_special_tokens=True)
@@ -227,7 +228,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                                     cfg.sampling.top_p, cfg.sampling.max_new_tokens)
             seed = cfg.seed * 1_000_003 + zlib.crc32(name.encode())  # its own draws per benchmark
             result, graded = evaluate_benchmark(name, examples, engine, tokenizer, scorer, params, seed=seed,
-                                                system_prompt=cfg.prompt.system, instruction=cfg.prompt.instruction)
+                                                system_prompt=cfg.prompt.system, instruction=cfg.prompt.instruction,
+                                                shots=cli.prompt_shots(cfg.prompt))
             results.append(result)
             samples += graded
             print(format_table([result]).splitlines()[-1], flush=True)
@@ -258,6 +260,7 @@ def check_evaluate(cfg: DictConfig, profile: str | None = None) -> None:
         cli.check_source("model.name", str(cfg.model.name), cli.MODEL_HINT)
     cli.check_benchmarks("benchmarks", cfg.benchmarks, cfg.benchmark_sources)
     cli.check_engine(cfg.rollout.engine)
+    cli.prompt_shots(cfg.prompt)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rlvr import cli
-from rlvr.cli import check_config, check_overrides, fail, grpo_config, model_argument, quiet
+from rlvr.cli import check_config, check_overrides, fail, grpo_config, model_argument, prompt_shots, quiet
 from rlvr.errors import UserError
 
 if TYPE_CHECKING:  # the training stack is imported in train(): a wrong command fails before Lightning's import
@@ -50,7 +50,8 @@ def validation(cfg: DictConfig, engine: RolloutEngine, scorer: RewardScorer, tok
     benchmarks = {name: load_benchmark(benchmark_source(name, sources), limit=v.limit) for name in v.benchmarks}
     sampling = SamplingParams(1, v.temperature, cfg.rollout.top_p, v.max_new_tokens)
     return ValidationCallback(benchmarks, engine, scorer, tokenizer, sampling, every=v.every, total_steps=steps,
-                              seed=cfg.seed, system_prompt=cfg.prompt.system, instruction=cfg.prompt.instruction)
+                              seed=cfg.seed, system_prompt=cfg.prompt.system, instruction=cfg.prompt.instruction,
+                              shots=prompt_shots(cfg.prompt))
 
 
 def reward_scorer(cfg: DictConfig) -> RewardScorer:
@@ -119,6 +120,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, chec
     datamodule = PromptDataModule(
         load_examples(**data_options), tokenizer, batch_size=cfg.batch_size, seed=cfg.seed,
         max_prompt_tokens=max_prompt_tokens, system_prompt=cfg.prompt.system, instruction=cfg.prompt.instruction,
+        shots=prompt_shots(cfg.prompt),
     )
     datamodule.setup()
     check_context(policy, datamodule.longest_prompt, cfg.rollout.max_new_tokens)  # needs the model: here, not in check_config

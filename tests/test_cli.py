@@ -38,6 +38,7 @@ ERRORS = [  # (arguments, what the one line must say)
     (["model=/no/such/model"], "model.name=/no/such/model: no such file or folder"),
     (["model=Qwen/Qwen2.5-0.5B"], "model.name=Qwen/Qwen2.5-0.5B is a hub id and the Hugging Face hub cannot be reached"),
     (["validation.benchmarks=[nope]"], "validation.benchmarks: 'nope' is not in benchmark_sources"),
+    (["prompt.shots=[{question:hi}]"], "prompt.shots[0]={'question': 'hi'}: each shot needs a non-empty question and answer"),
 ]
 
 

@@ -44,6 +44,28 @@ def test_the_format_instruction_is_added_even_when_the_question_asks_for_a_box()
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
+def test_shots_come_before_the_question_as_chat_turns_with_the_instruction():
+    tok = tiny_tokenizer()
+    prompt = build_prompt("What is 3 + 4?", tok, system_prompt="sys", instruction="Box it.",
+                          shots=[("What is 2 + 5?", "2 + 5 = \\boxed{7}")])
+    assert prompt == ("<|im_start|>system\nsys<|im_end|>\n"
+                      "<|im_start|>user\nWhat is 2 + 5?\n\nBox it.<|im_end|>\n"
+                      "<|im_start|>assistant\n2 + 5 = \\boxed{7}<|im_end|>\n"
+                      "<|im_start|>user\nWhat is 3 + 4?\n\nBox it.<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    assert build_prompt("What is 3 + 4?", tok, "sys", "Box it.", shots=()) == \
+        build_prompt("What is 3 + 4?", tok, "sys", "Box it.")
+
+
+def test_the_training_prompts_carry_the_shots():
+    tok = tiny_tokenizer()
+    shots = (("What is 2 + 5?", "2 + 5 = \\boxed{7}"),)
+    dm = PromptDataModule(load_examples("arithmetic", size=4), tok, batch_size=4, max_prompt_tokens=10_000, shots=shots)
+    dm.setup()
+    prompts = [tok.decode(ids) for ids in next(iter(dm.train_dataloader()))["prompt_ids"]]
+    assert all(p.count("What is 2 + 5?") == 1 and "2 + 5 = \\boxed{7}<|im_end|>" in p for p in prompts)
+
+
 def test_arithmetic_is_seeded_and_its_answers_are_right():
     a, b = arithmetic(50, seed=3), arithmetic(50, seed=3)
     assert a == b and a != arithmetic(50, seed=4)
