@@ -92,7 +92,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from rlvr import adapters, grpo  # noqa: E402
-from rlvr.cli import CONF_DIR, grpo_config, shared_folder  # noqa: E402
+from rlvr.cli import CONF_DIR, grpo_config, prompt_shots, shared_folder  # noqa: E402
 from rlvr.data import StepSampler, build_prompt, load_examples  # noqa: E402
 from rlvr.engines.protocol import Generation, decode_dtype  # noqa: E402
 from rlvr.module import GRPOModule  # noqa: E402
@@ -149,7 +149,8 @@ def first_batch_prompts(cfg: DictConfig, tokenizer) -> list[list[int]]:
     data.pop("max_prompt_tokens")
     examples = load_examples(**data)
     rows = StepSampler(len(examples), cfg.batch_size, cfg.seed).batch(0)
-    texts = [build_prompt(examples[i].question, tokenizer, cfg.prompt.system, cfg.prompt.instruction) for i in rows]
+    texts = [build_prompt(examples[i].question, tokenizer, cfg.prompt.system, cfg.prompt.instruction,
+                          prompt_shots(cfg.prompt)) for i in rows]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 

@@ -51,7 +51,7 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from rlvr.cli import CONF_DIR  # noqa: E402  (importing it registers conf's resolvers: prompt.instruction is one)
+from rlvr.cli import CONF_DIR, prompt_shots  # noqa: E402  (importing it registers conf's resolvers: prompt.instruction is one)
 from rlvr.data import build_prompt  # noqa: E402
 from rlvr.engines.protocol import Generation  # noqa: E402
 from rlvr.grpo import GRPOConfig  # noqa: E402
@@ -73,7 +73,7 @@ def math500_lengths(seed: int, scale: int) -> tuple[list[int], list[int]]:
     solutions = [len(tokenizer(row["solution"])["input_ids"]) for row in rows]
     rng = random.Random(seed)
     chosen = rng.sample(rows, PROMPTS)
-    prompts = [len(tokenizer(build_prompt(r["problem"], tokenizer, prompt.system, prompt.instruction))["input_ids"])
+    prompts = [len(tokenizer(build_prompt(r["problem"], tokenizer, prompt.system, prompt.instruction, prompt_shots(prompt)))["input_ids"])
                for r in chosen]
     responses = [rng.choice(solutions) for _ in range(PROMPTS * SAMPLES)]
     return [math.ceil(p / scale) for p in prompts], [math.ceil(r / scale) for r in responses]
@@ -172,7 +172,7 @@ def main() -> None:
           f"{'useful/matmul':>15}{'computed/matmul':>17}")
     best = {name: min(s) for name, s in seconds.items()}
     for name, (module, logged) in modules.items():
-        micro = module._micro_batches(rollout, 0, rows)
+        micro = module._micro_batches(rollout, torch.arange(rows))
         padding = float(logged["train/padding_frac"])
         computed = useful / (1.0 - padding)
         flops = lambda tokens: 6 * params * tokens / (best[name] / torch.get_num_threads()) / rate  # noqa: E731

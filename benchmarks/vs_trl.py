@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from rlvr.cli import prompt_shots  # noqa: E402
 from rlvr.data import build_prompt, load_examples  # noqa: E402
 from rlvr.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
 from rlvr.rewards import score  # noqa: E402
@@ -94,7 +95,7 @@ def run_trl(cfg: DictConfig, output_dir: Path) -> list[float]:
     data.pop("max_prompt_tokens")
     examples = load_examples(**data)
     dataset = Dataset.from_list([
-        {"prompt": build_prompt(e.question, tokenizer, cfg.prompt.system, cfg.prompt.instruction), "answer": e.answer}
+        {"prompt": build_prompt(e.question, tokenizer, cfg.prompt.system, cfg.prompt.instruction, prompt_shots(cfg.prompt)), "answer": e.answer}
         for e in examples
     ])
     weights = (cfg.reward.alpha, cfg.reward.beta, cfg.reward.gamma)

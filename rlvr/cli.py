@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rlvr import reflection
 from rlvr.errors import UserError
@@ -242,7 +242,12 @@ def check_benchmarks(key: str, names: Any, sources: Any) -> None:
 def prompt_shots(prompt: DictConfig) -> tuple[tuple[str, str], ...]:
     """`prompt.shots`, worked examples put before each question as chat turns: a list of
     {question, answer} -> (question, answer) pairs."""
-    shots = prompt.get("shots") or []
+    shots = prompt.get("shots")
+    if shots is None:
+        return ()
+    if not isinstance(shots, ListConfig):
+        raise UserError(f"prompt.shots={shots!r}: a list of {{question, answer}}, e.g. "
+                        "[{question: 'What is 2 + 5?', answer: '2 + 5 = \\boxed{7}'}]")
     pairs = []
     for i, shot in enumerate(shots):
         if not isinstance(shot, DictConfig) or not all(isinstance(shot.get(k), str) and shot.get(k).strip()

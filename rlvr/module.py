@@ -220,15 +220,17 @@ class GRPOModule(L.LightningModule):
                           self.config.logprob_chunk_tokens, entropy)
         return logp, ent, mask[:, :r]
 
-    def _signal_rows(self, advantages: torch.Tensor) -> torch.Tensor:
-        """(N,) bool: the rows whose loss can have a gradient. With no KL and no entropy term, a row of
-        advantage 0 (every row of a tied group) adds exactly 0 to the loss and its gradient, whatever
-        its ratio, so its forward and backward are skipped; it still counts in the loss's normalizers,
-        so the other rows' loss and gradient are unchanged. At low accuracy most groups tie, and this is
-        most of the update's time."""
+    def _signal_rows(self, rollout: Rollout, advantages: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the rows whose loss can have a gradient. A row that grpo.mask_truncated drops has
+        none. With no KL and no entropy term, neither has a row of advantage 0 (every row of a tied
+        group): it adds 0 to the loss and its gradient whatever its ratio, so its forward and backward
+        are skipped; it still counts in the loss's normalizers, so the other rows' loss and gradient are
+        unchanged (to float rounding: the micro-batches differ). At low accuracy most groups tie, and
+        this is most of the update's time."""
+        kept = self._kept(rollout, torch.arange(len(advantages), device=advantages.device)).bool()
         if self._reference is not None or self.config.entropy_coef:
-            return torch.ones_like(advantages, dtype=torch.bool)
-        return advantages != 0
+            return kept
+        return kept & (advantages != 0)
 
     def _micro_batches(self, rollout: Rollout, rows: torch.Tensor) -> list[torch.Tensor]:
         """`rows` (of one mini-batch of whole groups, ascending) cut into micro-batches: `micro_batch_size`
@@ -267,7 +269,7 @@ class GRPOModule(L.LightningModule):
         rows_per_mini = (c.mini_batch_size or self.batch_size) // world * c.n
         spans = [torch.arange(s, min(s + rows_per_mini, num_rows), device=device)
                  for s in range(0, num_rows, rows_per_mini)]
-        signal = self._signal_rows(advantages)  # (N,) bool: the rows whose forward and backward can matter
+        signal = self._signal_rows(rollout, advantages)  # (N,) bool: the rows whose forward and backward can matter
         minis = self._even_out([self._micro_batches(rollout, span[signal[span]]) for span in spans])
         old_logp: dict[tuple[int, int], torch.Tensor] = {}  # by (mini-batch, micro-batch)
         ref_logp: dict[tuple[int, int], torch.Tensor] = {}
@@ -422,7 +424,8 @@ class GRPOModule(L.LightningModule):
                     num_tokens: float, num_seqs: float, ran_tokens: float) -> dict[str, float]:
         """Backward of this micro-batch's share of the mini-batch loss; returns its share of the stats:
         of the loss over the mini-batch's `num_tokens`, of the diagnostics (clip fraction, KL, entropy,
-        TIS weight, engine gap) over the `ran_tokens` that the update computed (NaN when it computed none)."""
+        TIS weight, engine gap) over the `ran_tokens` that the update computed (0 when it computed none: such an
+        update is left out of the step's diagnostics)."""
         c = self.config
         live = len(rows) > 0
         rows = _forward_rows(rows)
@@ -446,7 +449,7 @@ class GRPOModule(L.LightningModule):
             kl_tok = grpo.kl_low_var(logp, ref_logp)
             loss = loss + c.kl_coef * grpo.aggregate(kl_tok, mask, **agg)
         self.manual_backward(loss)
-        token_mean = lambda x: float((x.detach().float() * mask).sum()) / ran_tokens if ran_tokens else math.nan  # noqa: E731
+        token_mean = lambda x: float((x.detach().float() * mask).sum()) / ran_tokens if ran_tokens else 0.0  # noqa: E731
         return {"loss": float(loss.detach()), "pg_loss": float(pg_loss.detach()), "pg_clipfrac": token_mean(clipped),
                 "kl": token_mean(kl_tok), "entropy": token_mean(entropy), "tis_weight": token_mean(tis),
                 "logprob_gap_mean": token_mean(gap), "logprob_gap_max": float(gap.max())}

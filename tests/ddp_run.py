@@ -64,7 +64,7 @@ class Recorder(L.Callback):
         record = {"step": batch["step"], "position": batch["position"],
                   "rewards": batch["samples"]["rewards"]["total"].tolist(),
                   "lengths": batch["rollout"].attention_mask.sum(dim=1).tolist(),
-                  "micro_batches": len(pl_module._micro_batches(batch["rollout"], 0, rows)),
+                  "micro_batches": len(pl_module._micro_batches(batch["rollout"], torch.arange(rows))),
                   "refill_cursor": trainer.datamodule.refill_cursor}
         if TIED_AFTER_FIRST:
             state = trainer.optimizers[0].state_dict()["state"]

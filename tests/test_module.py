@@ -117,15 +117,15 @@ def _one_update(tokenizer, rollout, **config):
     module._trainer = OneProcess()
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
     stepped = []
-    optimizer.step = lambda: stepped.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+    optimizer.step = lambda: stepped.append(torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
+                                                       for p in policy.parameters()]))  # no gradient: a skipped update
     module.optimizers = lambda: optimizer
     module.lr_schedulers = lambda: SimpleNamespace(step=lambda: None, get_last_lr=lambda: [0.0])
     module.manual_backward = lambda loss: loss.backward()
     logged = {}
     module.log = lambda key, value, **kwargs: logged.__setitem__(key, value)  # reward/* are torchmetrics
     module.training_step({"rollout": copy.deepcopy(rollout), "step": 0}, 0)
-    (gradient,) = stepped
-    return module, logged, gradient
+    return module, logged, torch.cat(stepped)  # one gradient per update
 
 
 @pytest.fixture(scope="module")
@@ -165,22 +165,29 @@ def test_token_budget_micro_batches_give_the_fixed_row_loss_and_gradient(tokeniz
     assert budget["train/update_tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_tied_rows_are_skipped_without_changing_the_loss_or_gradient(tokenizer, uneven_rollout, loss_agg, monkeypatch):
+SKIP_CASES = [dict(loss_agg="token-mean"), dict(loss_agg="seq-mean-token-mean"), dict(loss_agg="seq-mean-token-sum-norm"),
+              dict(ratio_level="sequence"), dict(mask_truncated=True), dict(micro_batch_tokens=24),
+              dict(mini_batch_size=1)]  # the last: two updates a step, the second on old log-probs
+
+
+@pytest.mark.parametrize("config", SKIP_CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in SKIP_CASES])
+def test_tied_rows_are_skipped_without_changing_the_loss_or_gradient(tokenizer, uneven_rollout, config, monkeypatch):
     """KL 0 and entropy 0: the second group ties, so its rows (advantage 0) are not run, yet they still
     count in the normalizers: the loss and gradient are those of running every row."""
     rollout = copy.deepcopy(uneven_rollout)
     rollout.rewards.total = torch.tensor([1.0, 0, 0, 1, 0.5, 0.5, 0.5, 0.5])
-    config = dict(kl_coef=0.0, entropy_coef=0.0, micro_batch_size=2, loss_agg=loss_agg)
+    rollout.truncated = torch.tensor([False, True, False, False, False, True, False, False])  # for mask_truncated
+    config = {"kl_coef": 0.0, "entropy_coef": 0.0, "micro_batch_size": 2, **config}
     ran = []
     original = GRPOModule._logprobs
     monkeypatch.setattr(GRPOModule, "_logprobs", lambda self, model, r, rows, entropy: ran.append(rows.tolist())
                         or original(self, model, r, rows, entropy))
     _, skipped, skipped_grad = _one_update(tokenizer, rollout, **config)
-    assert ran == [[0, 1], [2, 3]]
-    monkeypatch.setattr(GRPOModule, "_signal_rows", lambda self, advantages: torch.ones_like(advantages, dtype=torch.bool))
+    assert {r for rows in ran for r in rows} == ({0, 2, 3} if config.get("mask_truncated") else {0, 1, 2, 3})
+    ran.clear()
+    monkeypatch.setattr(GRPOModule, "_signal_rows", lambda self, r, advantages: torch.ones_like(advantages, dtype=torch.bool))
     _, every, every_grad = _one_update(tokenizer, rollout, **config)
-    assert ran[2:] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert {4, 5, 6, 7} <= {r for rows in ran for r in rows}
     assert skipped_grad.norm() > 0
     assert torch.allclose(skipped_grad, every_grad, rtol=1e-5, atol=1e-7)
     for key in ("train/loss", "train/pg_loss", "train/grad_norm"):
