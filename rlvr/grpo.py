@@ -46,7 +46,7 @@ def group_advantages(rewards: torch.Tensor, n: int, scale: bool = True, eps: flo
     """(B,) rewards laid out group after group (n per prompt) -> (B,) advantages."""
     groups = rewards.float().view(-1, n)  # (G, n)
     # A tied group is exactly zero: its float mean can differ from its value in the last bit (7 x 0.3).
-    tied = (groups == groups[:, :1]).all(dim=1, keepdim=True)  # (G, 1)
+    tied = tied_groups(groups, n)[:, None]  # (G, 1)
     centered = torch.where(tied, 0.0, groups - groups.mean(dim=1, keepdim=True))  # (G, n)
     if scale:
         std = groups.std(dim=1, keepdim=True) if n > 1 else torch.zeros_like(groups[:, :1])  # (G, 1)
