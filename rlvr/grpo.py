@@ -16,8 +16,10 @@ Choices (after DeepSeekMath's GRPO with DAPO's decoupled clip and Dr. GRPO's opt
 - losses aggregated per token over a whole mini-batch ("token-mean", the default), per sequence
   ("seq-mean-token-mean"), or summed per sequence over a fixed horizon ("seq-mean-token-sum-norm",
   Dr. GRPO). Normalizers are passed in so that micro-batch losses add up to the mini-batch loss;
-- micro-batches of a fixed number of rows, or of a token budget: rows sorted by length and filled
-  up to the budget, so that little of the update is spent on padding.
+- micro-batches of a fixed number of rows, or of a token budget, laid out in lanes of rows back to
+  back where the samples of one prompt share a copy of it (`lane_micro_batches`), or as padded rows
+  sorted by length (`token_budget_micro_batches`), so that little of the update is spent on padding
+  or on computing one prompt n times.
 
 Shapes: B sequences, T response tokens, V vocabulary. Masks are 1.0 on response tokens.
 """
@@ -25,6 +27,7 @@ Shapes: B sequences, T response tokens, V vocabulary. Masks are 1.0 on response 
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -138,13 +141,14 @@ def _head_chunk(
     temperature: float, with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(c, H) -> (c,) log p(target), (c,) entropy (zeros when not asked for)."""
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature  # (c, V)
-    normalizer = logits.logsumexp(dim=-1)  # (c,)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - normalizer  # (c,)
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()  # (c, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = logits.log_softmax(dim=-1)  # (c, V): one fused pass, and one in the backward
+    logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (c,)
     if not with_entropy:
         return logp, torch.zeros_like(logp)
-    entropy = normalizer - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # H = log Z - E_p[logit]
-    return logp, entropy
+    return logp, -(logprobs.exp() * logprobs).sum(dim=-1)  # H = -sum p log p
 
 
 def tis_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -245,28 +249,18 @@ def padded_tokens(lengths: Sequence[int], rows: Sequence[int], packed: bool = Fa
     """The tokens one forward over `rows` computes, padding included. `lengths`: each row's prompt plus
     response. A micro-batch lays each row out as its prompt then its response, right-padded (the
     rollout's left padding of prompts is dropped), so it is as wide as its longest row; `packed`, the
-    rows go back to back (grpo.pack) and there is no padding."""
+    rows go back to back as one sequence and there is no padding."""
     if packed:
         return sum(lengths[i] for i in rows)
     return len(rows) * max((lengths[i] for i in rows), default=0)
-
-
-def response_positions(starts: torch.Tensor, ends: torch.Tensor, responses: int) -> torch.Tensor:
-    """(b, responses) flat positions of the hidden states that predict each row's response tokens: the
-    position before each one. `starts` (b,): each row's first response position, `ends` (b,): one past
-    its last position, in the flattened layout (padded rows: row x width + column; packed rows: back to
-    back). A response shorter than `responses` is clamped to the row's second-to-last position (its
-    slots are masked out), so that the token it is paired with (position + 1) stays in the row."""
-    predicts = starts[:, None] - 1 + torch.arange(responses, device=starts.device)  # (b, r)
-    return torch.minimum(predicts, ends[:, None] - 2)
 
 
 def token_budget_micro_batches(lengths: Sequence[int], budget: int, max_padding: float = 0.05,
                                packed: bool = False) -> list[list[int]]:
     """Row indices grouped into micro-batches of at most `budget` padded tokens (`padded_tokens`), each
     at most `max_padding` padding; a row longer than the budget goes alone. `lengths`: prompt plus
-    response of each row. `packed` (grpo.pack): a micro-batch computes its rows' tokens and no padding,
-    so the budget bounds their sum and the padding bound does not apply.
+    response of each row. `packed` (one sequence a micro-batch): a micro-batch computes its rows' tokens
+    and no padding, so the budget bounds their sum and the padding bound does not apply.
 
     Sorted, then filled (next-fit decreasing): rows longest first (ties by index), each micro-batch
     taking the next row while the budget allows and its padding stays within `max_padding`. The
@@ -296,6 +290,138 @@ def token_budget_micro_batches(lengths: Sequence[int], budget: int, max_padding:
     return batches
 
 
+@dataclass(frozen=True)
+class RowLengths:
+    """What a micro-batch layout needs of each row: its prompt's and its response's lengths, and its group
+    (the rows of a group share their prompt). `groups` None: no two rows share a prompt."""
+
+    prompts: Sequence[int]
+    responses: Sequence[int]
+    groups: Sequence[int] | None = None
+
+    def shares(self, i: int, j: int) -> bool:
+        """Whether rows i and j have the same prompt (one copy of it can serve both)."""
+        return self.groups is not None and self.groups[i] == self.groups[j]
+
+    def lane(self, lane: Sequence[int]) -> int:
+        """A lane's tokens, its rows back to back: each row's response, and its prompt unless the row before
+        it is of its group. Such rows make a segment, one prompt then their responses, each response
+        seeing the prompt and itself only (rlvr.module lays it out, with the attention mask that says so)."""
+        return sum(self.responses[i] + (0 if k and self.shares(lane[k - 1], i) else self.prompts[i])
+                   for k, i in enumerate(lane))
+
+    def tokens(self, lanes: Sequence[Sequence[int]]) -> int:
+        """The tokens one forward over `lanes` computes, padding included: every lane as wide as the
+        fullest. One row a lane is the padded layout (`padded_tokens`), one lane of every row, unshared,
+        the packed sequence."""
+        return len(lanes) * max((self.lane(lane) for lane in lanes), default=0)
+
+
+def prompt_segments(rows: RowLengths, pool: Sequence[int], width: int) -> list[list[int]]:
+    """The rows of `pool` cut into segments of at most `width` tokens (`RowLengths.lane`): one prompt, then
+    responses of its group. Each group's rows longest first, each into the first of the group's
+    segments with room (first fit decreasing), else a segment of its own (alone if it is wider)."""
+    segments: list[list[int]] = []
+    room: list[int] = []
+    open_by_group: dict[int, list[int]] = {}  # group -> indices into segments
+    for i in sorted(pool, key=lambda i: (-rows.responses[i], i)):
+        group = rows.groups[i] if rows.groups is not None else -1 - i  # unshared: a group of its own
+        for k in open_by_group.setdefault(group, []):
+            if rows.responses[i] <= room[k]:
+                segments[k].append(i)
+                room[k] -= rows.responses[i]
+                break
+        else:
+            open_by_group[group].append(len(segments))
+            segments.append([i])
+            room.append(width - rows.prompts[i] - rows.responses[i])
+    return segments
+
+
+def fill_lanes(sizes: Sequence[int], pool: Sequence[int], width: int, most: int) -> tuple[list[list[int]], list[int]]:
+    """Up to `most` lanes of `width` tokens, each filled with the largest items of `pool` that still fit,
+    until none does (largest fit) -> (the lanes, the items of `pool` left over, in order). `pool`:
+    indices into `sizes`, largest first (ties by index)."""
+    rest = list(pool)
+    lanes: list[list[int]] = []
+    while rest and len(lanes) < most:
+        lane, space = [], width
+        # the first (largest) item of the rest that fits in `space`: rest is sorted by -size
+        while (k := bisect_left(rest, -space, key=lambda i: -sizes[i])) < len(rest):
+            space -= sizes[rest[k]]
+            lane.append(rest.pop(k))
+        if not lane:
+            break
+        lanes.append(lane)
+    return lanes, rest
+
+
+def lane_micro_batches(rows: RowLengths, budget: int, max_padding: float = 0.05) -> list[list[list[int]]]:
+    """Row indices grouped into micro-batches of lanes (`RowLengths.tokens`), at most `budget` tokens each
+    with their padding, and at most `max_padding` padding where any lane count allows it; a row
+    longer than the budget goes alone.
+
+    Why lanes: under sdpa or eager attention (no varlen kernel) one packed sequence of T tokens pays a
+    dense T x T mask, so a micro-batch packs its rows into several lanes instead, each under its own
+    mask: short rows share a lane, so a micro-batch holds about the budget and there are fewer of them,
+    without padding; and rows of one group share one copy of their prompt (`prompt_segments`), so a
+    prompt is computed about once per lane instead of once per sample: a GRPO group's n samples all
+    follow the same prompt.
+
+    Rows longest first; each micro-batch starts at the longest row left and tries lane counts from the
+    most that row allows (budget // its length) down to one, lanes as wide as budget // lanes but never
+    wider than twice the longest row of all: a lane's attention per token is then at most twice the
+    padded layout's widest row, which sharing a prompt repays whenever responses are shorter than
+    prompts (k samples of a prompt P in one lane attend over (P + k R)^2 scores, alone over
+    k (P + R)^2). Of the tries within `max_padding` it keeps the one that computes the fewest tokens
+    for the rows it holds (the least padded when none is within); the narrowest among equals. For each
+    width the rows are cut into prompt segments and laid into lanes largest fit (`pack_lanes`), and the
+    lanes trimmed to the fullest.
+    """
+    count = len(rows.prompts)
+    full = [rows.prompts[i] + rows.responses[i] for i in range(count)]
+    pool = sorted(range(count), key=lambda i: (-full[i], i))
+    widest = 2 * full[pool[0]] if pool else 0
+    batches: list[list[list[int]]] = []
+    while pool:
+        longest = full[pool[0]]
+        if longest > budget:  # alone
+            batches.append([[pool.pop(0)]])
+            continue
+        best: tuple[tuple[bool, float], list[list[int]], list[int]] | None = None
+        tried = 0
+        for most in range(max(1, budget // longest), 0, -1):  # the most, narrowest lanes first
+            width = min(widest, max(longest, budget // most))
+            if width == tried:
+                continue  # as wide as the last try: fewer lanes of it would only leave more rows out
+            tried = width
+            lanes, rest = pack_lanes(rows, pool, width, most)
+            computed = rows.tokens(lanes)
+            padding = 1.0 - sum(rows.lane(lane) for lane in lanes) / computed
+            # within the bound: the fewest computed tokens per token of the rows held; else the least padding
+            rank = (padding > max_padding, padding if padding > max_padding
+                    else computed / sum(full[i] for lane in lanes for i in lane))
+            if best is None or rank < best[0]:
+                best = (rank, lanes, rest)
+        assert best is not None
+        _, lanes, rest = best
+        batches.append(lanes)
+        pool = sorted(rest, key=lambda i: (-full[i], i))
+    return batches
+
+
+def pack_lanes(rows: RowLengths, pool: Sequence[int], width: int, most: int) -> tuple[list[list[int]], list[int]]:
+    """Up to `most` lanes of `width` tokens from the rows of `pool` -> (the lanes, the rows left over): the
+    rows cut into prompt segments (`prompt_segments`), the segments laid into lanes largest fit
+    (`fill_lanes`), and in each lane the segments of one group made adjacent, so they share one prompt."""
+    segments = prompt_segments(rows, pool, width)
+    sizes = [rows.lane(segment) for segment in segments]
+    placed, left = fill_lanes(sizes, sorted(range(len(segments)), key=lambda k: (-sizes[k], k)), width, most)
+    group = (lambda k: rows.groups[segments[k][0]]) if rows.groups is not None else (lambda k: 0)
+    lanes = [[i for k in sorted(lane, key=group) for i in segments[k]] for lane in placed]  # stable sort
+    return lanes, [i for k in left for i in segments[k]]
+
+
 # ---------------------------------------------------------------------------------------------
 # The step's settings (checked before anything loads: this module imports torch only)
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +434,7 @@ class GRPOConfig:
     mini_batch_size: int | None = None  # prompts per update; None = the whole batch, one update
     micro_batch_size: int = 8  # sequences per forward/backward
     micro_batch_tokens: int | None = None  # padded tokens per forward/backward, rows sorted by length; wins when set
-    pack: bool | str = "auto"  # a micro-batch's rows as one padding-free sequence; auto: flash or flex attention only
+    pack: bool | str = "auto"  # rows back to back: auto, lanes, sequence (true) or false (padded rows); rlvr.module.layout
     clip_low: float | None = None  # None: CLIP_DEFAULTS[ratio_level]
     clip_high: float | None = None
     ratio_level: RatioLevel = "token"  # sequence: GSPO's length-normalized ratio of the whole response
@@ -353,8 +479,8 @@ class GRPOConfig:
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
             raise ValueError(f"grpo.micro_batch_tokens={self.micro_batch_tokens} must be at least 1 (or null: "
                              "grpo.micro_batch_size rows per micro-batch)")
-        if self.pack not in (True, False, "auto"):
-            raise ValueError(f"grpo.pack={self.pack!r}; choose auto, true or false")
+        if self.pack not in (True, False, "auto", "lanes", "sequence"):
+            raise ValueError(f"grpo.pack={self.pack!r}; choose auto, lanes, sequence (or true) or false")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"grpo.mini_batch_size={self.mini_batch_size} must be at least 1 (or null)")
         if self.loss_agg not in LOSS_AGGS:

@@ -15,7 +15,9 @@ global token and sequence counts (all-reduced), so the all-reduced gradient is t
 batch and the first-step loss equals a one-process run's. Gradients are all-reduced once per update,
 on its last micro-batch. Micro-batches cut by a token budget (`grpo.micro_batch_tokens`) may number
 differently on each rank; every rank then runs the largest count, the missing ones as empty
-micro-batches (a masked forward and backward), so that FSDP2's collectives pair up.
+micro-batches (a masked forward and backward), so that FSDP2's collectives pair up. A micro-batch lays
+its rows out as `layout` says (grpo.pack): padded rows, one packed sequence, or lanes of rows back to
+back where the samples of one prompt share a copy of it (`lay_out`).
 
 The ratio is per token, or with grpo.ratio_level=sequence (GSPO) the response's length-normalized ratio
 (rlvr.grpo.log_ratio). With grpo.mask_truncated the responses cut at max_new_tokens drop out of the loss
@@ -50,10 +52,12 @@ import torchmetrics
 from torch import nn
 
 from rlvr import adapters, distributed, grpo
+from rlvr.errors import UserError
 from rlvr.grpo import GRPOConfig
 from rlvr.optim import make_optimizer
-from rlvr.rewards import pearson
-from rlvr.rollout import Rollout
+from rlvr.engines.protocol import Generation
+from rlvr.rewards import RewardBatch, pearson
+from rlvr.rollout import Rollout, pack_rollout
 
 log = logging.getLogger(__name__)
 
@@ -76,30 +80,48 @@ class TokenLogprobs(nn.Module):
         self.model = model
 
     def forward(self, ids: torch.Tensor, attention: torch.Tensor | None, positions: torch.Tensor, predicts: torch.Tensor,
-                temperature: float, chunk_tokens: int, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`ids`, `positions` (b, W): rows laid out as prompt then response, right-padded under `attention`;
-        or, `attention` None, (1, T): the rows back to back with positions restarting at 0 in each, which
-        transformers reads as packed sequences (a block-diagonal causal mask, or flash-attention's
-        cu_seqlens). `predicts` (b, r): the flat positions whose hidden states predict each row's
-        response tokens (rlvr.grpo.response_positions) -> (b, r) log-probs of those tokens (and entropies)."""
+                temperature: float, chunk_tokens: int, entropy: bool,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`ids`, `positions` (lanes, W), as `lay_out` makes them: rows right-padded under a 2-D
+        `attention` mask; or, `attention` None, rows back to back with positions restarting at 0 in each,
+        which transformers reads as packed sequences (a block-diagonal causal mask, or flash-attention's
+        cu_seqlens); or a 4-D `attention` mask of its own (lanes with shared prompts). `predicts` (any
+        shape): the flat positions whose hidden states predict `targets` (default: the token after each)
+        -> log-probs of those tokens (and entropies), shaped as `predicts`."""
         body, head = self.model.get_decoder(), self.model.get_output_embeddings()
         hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions,
-                      use_cache=False).last_hidden_state.flatten(0, 1)  # (b W or T, H)
-        return grpo.token_logprobs_and_entropy(hidden[predicts], head.weight, ids.flatten()[predicts + 1], temperature,
+                      use_cache=False).last_hidden_state.flatten(0, 1)  # (lanes W, H)
+        targets = ids.flatten()[predicts + 1] if targets is None else targets
+        return grpo.token_logprobs_and_entropy(hidden[predicts], head.weight, targets, temperature,
                                                head.bias, chunk_tokens=chunk_tokens, with_entropy=entropy)
 
 
-def packs(pack: bool | str, policy: nn.Module) -> bool:
-    """Whether micro-batches run packed (grpo.pack). `auto`: only under flash attention (varlen kernels
-    over cu_seqlens; transformers calls every flavour "flash...") or flex attention (a block-sparse
-    mask), which compute a packed row at its own length. sdpa and eager (CPU's path) get a dense
-    (T x T) block mask instead: for b rows of about W tokens that is (b W)^2 attention scores against
-    the padded layout's b W^2, far more than the few percent of padding that sorted micro-batches
-    leave."""
+def layout(pack: bool | str, policy: nn.Module) -> str:
+    """How a micro-batch lays out its rows (grpo.pack), as lanes of rows back to back (rlvr.grpo.RowLengths):
+    - `rows` (false): one row a lane, right-padded to the longest, under a 2-D attention mask;
+    - `sequence` (true): every row in one lane, for flash attention (varlen kernels over cu_seqlens;
+      transformers calls every flavour "flash...") and flex attention (a block-sparse mask), which
+      compute each packed row at its own length;
+    - `lanes`: a few lanes no wider than the longest row (rlvr.grpo.lane_micro_batches), each a row's
+      prompt then the responses of its group that share it, under a 4-D mask of rlvr's own (a response
+      sees its prompt and itself): for sdpa and eager, whose masks are dense anyway, so that one
+      sequence of T tokens would pay T^2 attention scores; lanes of width W pay what padded rows of W
+      do, without their padding, and a prompt is computed once for several samples.
+    `auto`: sequence under flash or flex attention, lanes under sdpa and eager, rows under any other."""
+    implementation = getattr(policy.config, "_attn_implementation", None) or "eager"
+    if pack is False or pack is True:
+        return "sequence" if pack else "rows"
+    if pack == "lanes" and implementation not in MASKED_ATTENTION:
+        raise UserError(f"grpo.pack=lanes needs sdpa or eager attention (a 4-D mask), not {implementation}; "
+                        "set grpo.pack=auto or model.attn_implementation=sdpa")
     if pack != "auto":
-        return bool(pack)
-    implementation = getattr(policy.config, "_attn_implementation", None) or ""
-    return "flash" in implementation or implementation == "flex_attention"
+        return pack
+    if "flash" in implementation or implementation == "flex_attention":
+        return "sequence"
+    return "lanes" if implementation in MASKED_ATTENTION else "rows"
+
+
+MASKED_ATTENTION = ("sdpa", "eager")  # the attention implementations that take a 4-D mask as it is
 
 
 class _Frozen:
@@ -110,10 +132,119 @@ class _Frozen:
         self.logprobs = TokenLogprobs(self.model)
 
 
-def _forward_rows(rows: torch.Tensor) -> torch.Tensor:
-    """The rows a micro-batch's forward runs: its own, or for an empty one (padding, so that every rank
+Lanes = list[list[int]]  # a micro-batch: lanes of rollout rows, each lane's rows back to back
+
+
+def _forward_lanes(lanes: Lanes) -> Lanes:
+    """The lanes a micro-batch's forward runs: its own, or for an empty one (padding, so that every rank
     runs as many forwards and collectives as the busiest) row 0, whose loss is then masked out."""
-    return rows if len(rows) else torch.zeros(1, dtype=torch.long, device=rows.device)
+    return lanes or [[0]]
+
+
+def _rows(lanes: Lanes, device: torch.device) -> torch.Tensor:
+    """(b,) the rows of `lanes`, lane after lane: the order of every per-row tensor of a micro-batch."""
+    return torch.tensor([row for lane in lanes for row in lane], dtype=torch.long, device=device)
+
+
+def prompt_groups(rollout: Rollout, rows: torch.Tensor) -> list[int]:
+    """(b,) for each of `rows`, an id shared by exactly the rows with the same prompt (a GRPO group's n
+    samples, and any other row that repeats the prompt)."""
+    p = rollout.prompt_width
+    prompts = torch.cat([rollout.input_ids[rows, :p], rollout.attention_mask[rows, :p]], dim=1)  # (b, 2p)
+    return torch.unique(prompts, dim=0, return_inverse=True)[1].tolist()
+
+
+def row_lengths(rollout: Rollout, rows: torch.Tensor, shared: bool) -> grpo.RowLengths:
+    """The prompt and response lengths of `rows` (indexed 0..b-1), with their prompt groups when a
+    layout shares prompts."""
+    p = rollout.prompt_width
+    return grpo.RowLengths(rollout.attention_mask[rows, :p].sum(dim=1).tolist(),
+                           rollout.response_mask[rows].sum(dim=1).long().tolist(),
+                           prompt_groups(rollout, rows) if shared else None)
+
+
+def lay_out(rollout: Rollout, lanes: Lanes, shared: bool):
+    """The inputs of one forward over `lanes` (rollout rows back to back in each, rlvr.grpo.RowLengths.lane)
+    -> ids and positions (lanes, W), the attention mask, predicts and targets (b, r): for each row's r
+    response slots, the flat position whose hidden state predicts it and the token, and the response
+    mask (b, r). W is the fullest lane; b the rows in lane order, r their longest response.
+
+    A row is its prompt (unless the row before it in the lane has the same one and `shared`), then its
+    response, at positions 0.. (the rollout's left padding of prompts is dropped). The mask: one row a
+    lane, a 2-D padding mask (each row right-padded); unshared rows back to back, none (positions
+    restarting at 0 mark where rows begin, which transformers reads as packed sequences: a
+    block-diagonal causal mask, or flash attention's cu_seqlens); `shared`, a (lanes, 1, W, W) boolean
+    mask where a token sees the earlier tokens of its prompt and of its own response, and a lane's
+    padding only itself. The first response token of every row of a shared prompt is predicted by the
+    prompt's last hidden state."""
+    device = rollout.input_ids.device
+    rows = _rows(lanes, device)
+    p = rollout.prompt_width
+    lengths = row_lengths(rollout, rows, shared)
+    prompts, responses = lengths.prompts, lengths.responses
+    # Where each row's prompt (its segment's) and response start in its lane; a segment id for each prompt
+    prompt_at, response_at, writes, segment, fills = [], [], [], [], []
+    i = 0
+    for lane in lanes:
+        fill = 0
+        for k in range(len(lane)):
+            if k and lengths.shares(i - 1, i):
+                writes.append(False)
+                prompt_at.append(prompt_at[-1])
+            else:
+                writes.append(True)
+                prompt_at.append(fill)
+                fill += prompts[i]
+            segment.append(i if writes[-1] else segment[-1])
+            response_at.append(fill)
+            fill += responses[i]
+            i += 1
+        fills.append(fill)
+    width, count = max(fills), len(lanes)
+    lane_start = torch.tensor([k * width for k, lane in enumerate(lanes) for _ in lane], device=device)  # (b,)
+    prompt_at = lane_start + torch.tensor(prompt_at, device=device)  # (b,) flat
+    response_at = lane_start + torch.tensor(response_at, device=device)
+    prompt_len = torch.tensor(prompts, device=device)  # (b,)
+    response_len = torch.tensor(responses, device=device)
+    r = max(1, max(responses))
+    source = rollout.input_ids[rows]  # (b, p + R): prompts left-padded to p, then responses
+    # The tokens: each written prompt, then every response
+    prompt_cols = torch.arange(p, device=device)  # (p,)
+    in_prompt = (prompt_cols >= p - prompt_len[:, None]) & torch.tensor(writes, device=device)[:, None]  # (b, p)
+    prompt_dest = (prompt_at[:, None] + prompt_cols - (p - prompt_len[:, None]))[in_prompt]
+    response_cols = torch.arange(r, device=device)  # (r,)
+    in_response = response_cols < response_len[:, None]  # (b, r)
+    response_dest = (response_at[:, None] + response_cols)[in_response]
+    ids = torch.zeros(count * width, dtype=source.dtype, device=device)  # padding id 0, never attended to
+    ids[prompt_dest] = source[:, :p][in_prompt]
+    ids[response_dest] = source[:, p : p + r][in_response]
+    positions = torch.zeros(count * width, dtype=torch.long, device=device)
+    positions[prompt_dest] = (prompt_cols - (p - prompt_len[:, None])).expand(len(rows), p)[in_prompt]
+    positions[response_dest] = (prompt_len[:, None] + response_cols)[in_response]
+    # Which row's response predicts what: slot 0 from its prompt's last token, slot t from response token t-1
+    predicts = torch.where(response_cols == 0, (prompt_at + prompt_len - 1)[:, None],
+                           response_at[:, None] + response_cols - 1)  # (b, r)
+    targets = source[:, p : p + r]  # (b, r)
+    mask = rollout.response_mask[rows, :r]  # (b, r)
+    ids, positions = ids.view(count, width), positions.view(count, width)
+    if count == len(rows):  # one row a lane: right-padded rows under a padding mask
+        real = torch.arange(width, device=device) < torch.tensor(fills, device=device)[:, None]
+        return ids, real.long(), positions, predicts, targets, mask
+    if not shared:
+        return ids, None, positions, predicts, targets, mask
+    # Shared prompts: a token sees its segment's prompt and its own row's response, causally
+    seg = torch.full((count * width,), -1, dtype=torch.long, device=device)  # padding: -1 - lane, its own
+    seg.view(count, width)[:] = -1 - torch.arange(count, device=device)[:, None]
+    own = torch.full((count * width,), -1, dtype=torch.long, device=device)  # -1: a prompt (or padding) token
+    segment_of = torch.tensor(segment, device=device)
+    seg[prompt_dest] = segment_of[:, None].expand(len(rows), p)[in_prompt]
+    seg[response_dest] = segment_of[:, None].expand(len(rows), r)[in_response]
+    own[response_dest] = torch.arange(len(rows), device=device)[:, None].expand(len(rows), r)[in_response]
+    seg, own = seg.view(count, width), own.view(count, width)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()  # (W, W): query x key
+    attention = (seg[:, :, None] == seg[:, None, :]) & causal & (
+        (own[:, None, :] == -1) | (own[:, :, None] == own[:, None, :]))  # (lanes, W, W)
+    return ids, attention[:, None], positions, predicts, targets, mask
 
 
 class _AdapterOff:
@@ -148,7 +279,8 @@ class GRPOModule(L.LightningModule):
         self.config = config
         self.batch_size = batch_size
         self.updates_per_step = config.updates_per_step(batch_size, world)
-        self._pack = packs(config.pack, policy)
+        self._layout = layout(config.pack, policy)
+        self._eager = getattr(policy.config, "_attn_implementation", None) == "eager"
         self.adapted = adapters.is_adapted(policy)
         self.strict_loading = not self.adapted  # its checkpoints hold the adapter only (on_load_checkpoint checks them)
         self._reference = None
@@ -187,38 +319,56 @@ class GRPOModule(L.LightningModule):
         if self._reference is not None and self._reference.model is not None \
                 and not distributed.is_sharded(self._reference.logprobs):
             self._reference.model.to(self.device)
+        if self._layout != "rows" and not self._keeps_packed_rows_apart():
+            if self.config.pack != "auto":
+                raise UserError(f"grpo.pack={self.config.pack}: this model lets a row packed beside another attend to "
+                                "it (it does not keep packed rows apart); set grpo.pack=false")
+            if self.trainer.is_global_zero:
+                log.warning("This model lets a row packed beside another attend to it (it does not keep packed rows "
+                            "apart), so micro-batches run as padded rows (as grpo.pack=false)")
+            self._layout = "rows"
+
+    def _keeps_packed_rows_apart(self) -> bool:
+        """Whether this model keeps rows laid out back to back apart, as packing relies on: through the
+        4-D mask rlvr passes (lanes), or transformers' reading of restarting positions as packed sequences
+        (one sequence), which a model that builds its masks otherwise would not do, silently mixing rows.
+        One lane of prompt A with two samples, then prompt B with one, three times: B's sample and A's
+        second must not change when A's first does, nor B's when A's prompt does. The shapes are the same
+        each time, so rows kept apart give the same numbers (a small tolerance for kernels that are not
+        bitwise deterministic)."""
+        def logprobs(prompt: list[int], first: list[int]) -> torch.Tensor:
+            zeros = torch.zeros(4)
+            rollout = pack_rollout([prompt, [9, 10]], Generation([first, [5, 6], [7, 8], [3]], [[0.0, 0.0]] * 3 + [[0.0]]),
+                                   2, 0, [], RewardBatch(zeros, zeros, zeros, zeros, 0)).to(self.device)
+            return self._logprobs(self._policy_logprobs, rollout, [[0, 1, 2]], entropy=False)[0].float()
+
+        training = self.policy.training
+        self.policy.eval()  # no dropout
+        with torch.no_grad():
+            base, first, prompt = logprobs([3, 4, 5], [3, 4]), logprobs([3, 4, 5], [11, 12]), logprobs([13, 14, 15], [11, 12])
+        self.policy.train(training)
+        same = lambda x, y: bool(torch.allclose(x, y, rtol=0.0, atol=1e-5))  # noqa: E731
+        return same(base[1:], first[1:]) and same(first[2], prompt[2])
 
     # -- log-probs -----------------------------------------------------------------------------
 
-    def _logprobs(self, model: TokenLogprobs, rollout: Rollout, rows: torch.Tensor, entropy: bool):
-        """Response-token log-probs (b, r) and entropies for the given rows, r their longest response.
-
-        Each row is laid out as its prompt then its response, right-padded to the longest row: the
-        micro-batch is as wide as its longest prompt + response (`grpo.padded_tokens`), not its longest
-        prompt plus its longest response, as the rollout's left-padded layout would make it. Packed
-        (grpo.pack), the same rows' tokens go back to back as one sequence, without the padding."""
-        mask = rollout.response_mask[rows]  # (b, R)
-        p = rollout.prompt_width
-        prompt_lengths = rollout.attention_mask[rows, :p].sum(dim=1)  # (b,)
-        lengths = prompt_lengths + mask.sum(dim=1).long()  # (b,)
-        r, width = int(mask.sum(dim=1).max().item()), int(lengths.max().item())
-        columns = torch.arange(width, device=rows.device)  # (W,)
-        attention = (columns < lengths[:, None]).long()  # (b, W)
-        source = (columns + (p - prompt_lengths)[:, None]).clamp(max=rollout.input_ids.shape[1] - 1)  # (b, W)
-        ids = rollout.input_ids[rows].gather(1, source) * attention  # (b, W), padding id 0 (never attended)
-        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (b, W)
-        if self._pack:  # the real tokens, row after row: (1, T)
-            real = attention.bool()
-            ids, positions, attention = ids[real][None], positions[real][None], None
-            ends = lengths.cumsum(dim=0)
-            offsets = ends - lengths
-        else:
-            offsets = torch.arange(len(rows), device=rows.device) * width
-            ends = offsets + width
-        predicts = grpo.response_positions(offsets + prompt_lengths, ends, r)  # (b, r)
-        logp, ent = model(ids, attention, positions, predicts, self.config.temperature,
-                          self.config.logprob_chunk_tokens, entropy)
-        return logp, ent, mask[:, :r]
+    def _logprobs(self, model: TokenLogprobs, rollout: Rollout, lanes: Lanes, entropy: bool):
+        """Response-token log-probs (b, r) and entropies for the rows of `lanes` (in lane order), r their
+        longest response, laid out by `lay_out`; the LM head runs on the response tokens only, and the
+        slots past a row's response hold 0 (its mask is 0 there)."""
+        shared = self._layout == "lanes"
+        ids, attention, positions, predicts, targets, mask = lay_out(rollout, lanes, shared)
+        if attention is not None and attention.dim() == 4 and self._eager:
+            attention = torch.zeros(attention.shape, dtype=self.policy.dtype, device=attention.device).masked_fill(
+                ~attention, torch.finfo(self.policy.dtype).min)  # eager adds its mask to the scores
+        real = mask.bool()
+        if not real.any():
+            real[0, 0] = True  # a forward touches every weight (DDP and FSDP2 expect every one in the backward)
+        logp, ent = model(ids, attention, positions, predicts[real], self.config.temperature,
+                          self.config.logprob_chunk_tokens, entropy, targets[real])
+        logp = logp.new_zeros(real.shape).masked_scatter(real, logp)  # (b, r)
+        ent = None if ent is None else ent.new_zeros(real.shape).masked_scatter(real, ent)
+        return logp, ent, mask
 
     def _signal_rows(self, rollout: Rollout, advantages: torch.Tensor) -> torch.Tensor:
         """(N,) bool: the rows whose loss can have a gradient. A row that grpo.mask_truncated drops has
@@ -232,27 +382,45 @@ class GRPOModule(L.LightningModule):
             return kept
         return kept & (advantages != 0)
 
-    def _micro_batches(self, rollout: Rollout, rows: torch.Tensor) -> list[torch.Tensor]:
+    def _micro_batches(self, rollout: Rollout, rows: torch.Tensor) -> list[Lanes]:
         """`rows` (of one mini-batch of whole groups, ascending) cut into micro-batches: `micro_batch_size`
-        consecutive rows, or when `micro_batch_tokens` is set, by length under that budget."""
+        consecutive rows, or when `micro_batch_tokens` is set, by length under that budget; each laid out
+        in lanes as `grpo.pack` says (`layout`)."""
         c = self.config
         if not len(rows):
             return []
+        ids = rows.tolist()
+        lengths = row_lengths(rollout, rows, shared=self._layout == "lanes")
         if c.micro_batch_tokens is None:
-            return list(rows.split(c.micro_batch_size))
-        lengths = rollout.attention_mask[rows].sum(dim=1).tolist()  # prompt + response of each row
-        return [rows[torch.tensor(batch, dtype=torch.long, device=rows.device)]
-                for batch in grpo.token_budget_micro_batches(lengths, c.micro_batch_tokens, packed=self._pack)]
+            batches = [self._fixed_lanes(lengths, list(range(s, min(s + c.micro_batch_size, len(ids)))))
+                       for s in range(0, len(ids), c.micro_batch_size)]
+        elif self._layout == "lanes":
+            batches = grpo.lane_micro_batches(lengths, c.micro_batch_tokens)
+        else:
+            full = [prompt + response for prompt, response in zip(lengths.prompts, lengths.responses, strict=True)]
+            packed = self._layout == "sequence"
+            batches = [[batch] if packed else [[i] for i in batch]
+                       for batch in grpo.token_budget_micro_batches(full, c.micro_batch_tokens, packed=packed)]
+        return [[[ids[i] for i in lane] for lane in batch] for batch in batches]
 
-    def _even_out(self, minis: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    def _fixed_lanes(self, lengths: grpo.RowLengths, batch: list[int]) -> list[list[int]]:
+        """The lanes of a fixed-row micro-batch: one row each, all in one, or packed into lanes no wider
+        than its longest row, as few as take them all."""
+        if self._layout == "rows":
+            return [[i] for i in batch]
+        if self._layout == "sequence":
+            return [batch]
+        width = max(lengths.prompts[i] + lengths.responses[i] for i in batch)
+        return grpo.pack_lanes(lengths, batch, width, len(batch))[0]
+
+    def _even_out(self, minis: list[list[Lanes]]) -> list[list[Lanes]]:
         """Pad each mini-batch with empty micro-batches up to the most any rank has: under FSDP2 every
         forward is a collective, so all ranks must run as many (DDP is padded the same way)."""
         if self.trainer.world_size == 1:
             return minis
         counts = torch.tensor([len(mini) for mini in minis], device=self.device)
         most = self.trainer.strategy.reduce(counts, reduce_op="max").tolist()
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        return [mini + [empty] * (int(m) - len(mini)) for mini, m in zip(minis, most, strict=True)]
+        return [mini + [[] for _ in range(int(m) - len(mini))] for mini, m in zip(minis, most, strict=True)]
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -275,12 +443,12 @@ class GRPOModule(L.LightningModule):
         ref_logp: dict[tuple[int, int], torch.Tensor] = {}
         began = time.perf_counter()
         with torch.no_grad():
-            for key, rows in (((m, i), _forward_rows(rows)) for m, mini in enumerate(minis)
-                              for i, rows in enumerate(mini)):
+            for key, lanes in (((m, i), _forward_lanes(lanes)) for m, mini in enumerate(minis)
+                               for i, lanes in enumerate(mini)):
                 if self.updates_per_step > 1:  # else the sampling policy is the current one: ratio 1
-                    old_logp[key] = self._logprobs(self._policy_logprobs, rollout, rows, entropy=False)[0]
+                    old_logp[key] = self._logprobs(self._policy_logprobs, rollout, lanes, entropy=False)[0]
                 if self._reference is not None:
-                    ref_logp[key] = self._logprobs(self._reference.logprobs, rollout, rows, entropy=False)[0]
+                    ref_logp[key] = self._logprobs(self._reference.logprobs, rollout, lanes, entropy=False)[0]
 
         logprobs_done = time.perf_counter()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
@@ -291,15 +459,15 @@ class GRPOModule(L.LightningModule):
             for m, mini in enumerate(minis):
                 # Global counts over the ranks, divided by world: DDP averages the ranks' gradients.
                 # Over all the mini-batch's rows, skipped ones included: they count in the loss's mean.
-                span, ran = spans[m], torch.cat([spans[m][:0], *mini])
+                span, ran = spans[m], _rows([lane for lanes in mini for lane in lanes], device)
                 local = torch.tensor([self._kept_tokens(rollout, span), float(self._kept(rollout, span).sum()),
                                       self._kept_tokens(rollout, ran)], dtype=torch.float64, device=device)
                 num_tokens, num_seqs, ran_tokens = (self.trainer.strategy.reduce(local, reduce_op="sum") / world).tolist()
                 optimizer.zero_grad()
                 update_loss = 0.0
-                for i, rows in enumerate(mini):
+                for i, lanes in enumerate(mini):
                     with self._gradient_sync(last=i == len(mini) - 1):
-                        stats = self._micro_step(rollout, rows, advantages, old_logp.get((m, i)), ref_logp.get((m, i)),
+                        stats = self._micro_step(rollout, lanes, advantages, old_logp.get((m, i)), ref_logp.get((m, i)),
                                                  num_tokens, num_seqs, ran_tokens)
                     update_loss += stats["loss"]
                     gap_max = max(gap_max, stats.pop("logprob_gap_max"))
@@ -329,15 +497,17 @@ class GRPOModule(L.LightningModule):
         self.log("time/logprobs_s", logprobs_done - began, **timing)  # old (several updates) and reference log-probs
         self.log("time/update_s", update_s, **timing)
         # What each forward computed, padding included (the empty micro-batches' stand-in rows left out),
-        # against the real tokens of the rows it ran, over all ranks
-        lengths = rollout.attention_mask.sum(dim=1).tolist()
-        batches = [rows.tolist() for mini in minis for rows in mini]
-        local = torch.tensor([sum(lengths[r] for rows in batches for r in rows),
-                              sum(grpo.padded_tokens(lengths, rows, self._pack) for rows in batches)],
-                             dtype=torch.float64, device=device)
-        real, computed = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
-        self.log("train/padding_frac", 1.0 - real / computed if computed else math.nan, **timing)
-        self.log("train/update_tokens_per_s", c.ppo_epochs * float(local[0]) / update_s,
+        # against the tokens its lanes held (a shared prompt once), over all ranks; the throughput counts the
+        # rows' own tokens (each row's prompt and response), what the update got through
+        lengths = row_lengths(rollout, torch.arange(num_rows, device=device), shared=self._layout == "lanes")
+        batches = [lanes for mini in minis for lanes in mini]
+        local = torch.tensor([sum(lengths.lane(lane) for lanes in batches for lane in lanes),
+                              sum(lengths.tokens(lanes) for lanes in batches),
+                              sum(lengths.prompts[r] + lengths.responses[r] for lanes in batches for lane in lanes
+                                  for r in lane)], dtype=torch.float64, device=device)
+        held, computed, _ = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        self.log("train/padding_frac", 1.0 - held / computed if computed else math.nan, **timing)
+        self.log("train/update_tokens_per_s", c.ppo_epochs * float(local[2]) / update_s,
                  **{**timing, "sync_dist": True, "reduce_fx": "sum"})
         self._log_step(sums, rollout, rewards)
 
@@ -419,7 +589,7 @@ class GRPOModule(L.LightningModule):
         name, keys, *rest = rng["numpy"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
-    def _micro_step(self, rollout: Rollout, rows: torch.Tensor, advantages: torch.Tensor,
+    def _micro_step(self, rollout: Rollout, lanes: Lanes, advantages: torch.Tensor,
                     old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                     num_tokens: float, num_seqs: float, ran_tokens: float) -> dict[str, float]:
         """Backward of this micro-batch's share of the mini-batch loss; returns its share of the stats:
@@ -427,9 +597,10 @@ class GRPOModule(L.LightningModule):
         TIS weight, engine gap) over the `ran_tokens` that the update computed (0 when it computed none: such an
         update is left out of the step's diagnostics)."""
         c = self.config
-        live = len(rows) > 0
-        rows = _forward_rows(rows)
-        logp, entropy, mask = self._logprobs(self._policy_logprobs, rollout, rows, entropy=True)
+        live = len(lanes) > 0
+        lanes = _forward_lanes(lanes)
+        rows = _rows(lanes, rollout.input_ids.device)
+        logp, entropy, mask = self._logprobs(self._policy_logprobs, rollout, lanes, entropy=True)
         mask = mask if live else torch.zeros_like(mask)  # an empty micro-batch adds nothing to the loss
         old = logp.detach() if old_logp is None else old_logp
         engine_logp = rollout.engine_logprobs[rows, : mask.shape[1]]  # (b, r)

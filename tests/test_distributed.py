@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(1200)  # each test here chains several training runs (subprocesses)
 COMMON = [*TINY, "batch_size=4", "rollout.n=4", "seed=3", "save_every=1", "samples.every=null",
           "optim.lr=1e-3", "grpo.micro_batch_size=4"]  # micro 4 < 8 rows per rank: accumulation too
-BUDGET = 600  # tokens per micro-batch: two of these runs' rows (about 220 tokens), and 4 or 5 micro-batches a rank
+# Tokens per micro-batch: these runs' rows are a prompt of about 200 tokens and a response of about 20, so a lane
+# holds a prompt and one or two of its samples; 7 micro-batches on one rank and 8 on the other (first step)
+BUDGET = 250
 
 
 def run(folder: Path, *overrides: str, env: dict | None = None) -> None:
@@ -80,9 +82,9 @@ def test_two_processes_train_as_one_and_resume_on_another_device_count(two, one)
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_token_budget_micro_batches_on_two_processes_give_the_fixed_row_step(tmp_path, two, loss_agg):
-    """DDP with micro-batches by a token budget (rows sorted by length, counts evened out over the
-    ranks) against 4 rows per micro-batch: the same first step, to float rounding, for each loss
-    aggregation (token-mean's fixed-row run is the shared two-process one)."""
+    """DDP with micro-batches by a token budget (lanes, the samples of a prompt sharing it; counts evened
+    out over the ranks) against 4 rows per micro-batch: the same first step, to float rounding, for
+    each loss aggregation (token-mean's fixed-row run is the shared two-process one)."""
     budget = tmp_path / "budget"
     run(budget, "devices=2", "steps=1", f"grpo.micro_batch_tokens={BUDGET}", f"grpo.loss_agg={loss_agg}")
     counts = [[r["micro_batches"] for r in records(budget, rank) if "step" in r] for rank in (0, 1)]

@@ -188,17 +188,8 @@ def test_packed_tokens_have_no_padding():
     assert grpo.padded_tokens([3, 9, 7], [], packed=True) == 0
 
 
-def test_response_positions_by_hand():
-    # Packed: rows of 5 (prompt 2, response 3) and 4 tokens (prompt 3, response 1) back to back, at 0 and 5
-    starts, ends = torch.tensor([0 + 2, 5 + 3]), torch.tensor([5, 9])
-    assert grpo.response_positions(starts, ends, 3).tolist() == [[1, 2, 3], [7, 7, 7]]  # row 1 clamped at 9 - 2
-    # The same rows padded to width 5: row 1 at 5..9, its padding column 9 included
-    starts, ends = torch.tensor([0 + 2, 5 + 3]), torch.tensor([5, 10])
-    assert grpo.response_positions(starts, ends, 3).tolist() == [[1, 2, 3], [7, 8, 8]]
-
-
 def test_config_rejects_an_unknown_pack_setting():
-    with pytest.raises(ValueError, match="grpo.pack='yes'"):
+    with pytest.raises(ValueError, match="grpo.pack='yes'; choose auto, lanes, sequence"):
         grpo.GRPOConfig(pack="yes")
 
 
@@ -229,6 +220,86 @@ def test_token_budget_micro_batches_stay_within_the_budget_and_the_padding_bound
         for rows in batches:
             assert len(rows) == 1 or grpo.padded_tokens(lengths, rows) <= budget, (budget, rows)
             assert sum(lengths[i] for i in rows) >= 0.95 * grpo.padded_tokens(lengths, rows), (budget, rows)
+
+
+def test_lane_lengths_by_hand():
+    # Rows 0 and 1 share a 2-token prompt (group 0), row 2 has a 5-token one; responses 3, 4, 1
+    rows = grpo.RowLengths(prompts=[2, 2, 5], responses=[3, 4, 1], groups=[0, 0, 1])
+    assert rows.lane([0, 1]) == 2 + 3 + 4  # one copy of the prompt, then both responses
+    assert rows.lane([0, 2, 1]) == (2 + 3) + (5 + 1) + (2 + 4)  # not side by side: a copy each
+    assert rows.tokens([[0, 1], [2]]) == 2 * 9  # two lanes as wide as the fullest
+    assert rows.tokens([]) == 0
+    unshared = grpo.RowLengths(prompts=[2, 2, 5], responses=[3, 4, 1])
+    assert unshared.lane([0, 1]) == 11
+    assert unshared.tokens([[0], [2]]) == grpo.padded_tokens([5, 6, 6], [0, 2]) == 12  # one row a lane: padded
+    assert unshared.tokens([[0, 2]]) == grpo.padded_tokens([5, 6, 6], [0, 2], packed=True) == 11  # one sequence
+
+
+def test_prompt_segments_by_hand():
+    # Group 0 (prompt 2): responses 5, 4, 3, 1; group 1 (prompt 3): 6. Width 10, longest first, first fit:
+    # 5 opens a segment (room 3), 4 another (room 4), 3 fills the first, 1 joins the second.
+    rows = grpo.RowLengths(prompts=[2, 2, 2, 2, 3], responses=[5, 4, 3, 1, 6], groups=[0, 0, 0, 0, 1])
+    assert grpo.prompt_segments(rows, range(5), 10) == [[4], [0, 2], [1, 3]]
+    # A row wider than the width goes alone
+    assert grpo.prompt_segments(rows, [0, 1], 5) == [[0], [1]]
+
+
+def test_fill_lanes_by_hand():
+    # Lanes of 10, largest first: 10 fills a lane; 9 leaves 1, which nothing fits; then 4 + 3 + 2
+    sizes = [3, 10, 4, 9, 2]
+    assert grpo.fill_lanes(sizes, [1, 3, 2, 0, 4], 10, 5) == ([[1], [3], [2, 0, 4]], [])
+    # Two lanes of 7 at most: 4 + 3, then 2 (9 and 10 fit none); largest fit, not next fit
+    assert grpo.fill_lanes(sizes, [1, 3, 2, 0, 4], 7, 2) == ([[2, 0], [4]], [1, 3])
+    assert grpo.fill_lanes(sizes, [2, 0, 4], 6, 3) == ([[2, 4], [0]], [])  # 4 + 2, then 3 alone
+
+
+def test_lane_micro_batches_by_hand():
+    # Unshared rows of 3, 10, 4, 9, 2 tokens, budget 20; longest first: 10, 9, 4, 3, 2. The 10 allows 2
+    # lanes of 10: 10 | 9, 20 tokens for 19; or one lane of 20 (at most twice the longest row): 10 + 9,
+    # 19 for 19, kept. Then the 4 allows 5 lanes of 4: 4 | 3 | 2, 12 for 9 (25% padding, over 5%); 4
+    # lanes of 5: 4 | 3 + 2, 10 for 9 (10%); 3 of 6: 4 + 2 | 3, 12 for 9; 2 of 10: 4 + 3 + 2, trimmed
+    # to 9, kept.
+    rows = grpo.RowLengths(prompts=[1, 1, 1, 1, 1], responses=[2, 9, 3, 8, 1])
+    assert grpo.lane_micro_batches(rows, 20) == [[[1, 3]], [[2, 0, 4]]]
+    # A row over the budget goes alone; then the two 5s: two lanes of 5, 10 for 10 (the narrowest of equals)
+    assert grpo.lane_micro_batches(grpo.RowLengths([10, 1, 1], [20, 4, 4]), 20) == [[[0]], [[1], [2]]]
+    # Shared prompts: two groups of 4 samples (prompts 3 and 6), responses 20, 2, 3, 5 and 4, 9, 2, 3;
+    # budget 46. Two lanes of 23: the 23-token row, and the 6-token prompt with 9, 4 and 3 (22): 46
+    # tokens for rows of 57 of their own. One lane of 46: the 3-token prompt once, then 20, 5, 3 and 2:
+    # 33 for 42, kept. Then the 6-token prompt and its four responses, 24 tokens: 57 in all for 84.
+    rows = grpo.RowLengths(prompts=[3] * 4 + [6] * 4, responses=[20, 2, 3, 5, 4, 9, 2, 3], groups=[0] * 4 + [1] * 4)
+    assert grpo.lane_micro_batches(rows, 46) == [[[0, 3, 2, 1]], [[5, 4, 7, 6]]]
+    assert grpo.lane_micro_batches(grpo.RowLengths([], []), 16) == []
+
+
+def _long_tailed(count, generator, groups_of=None):
+    """`count` rows: prompts of 20 to 80 tokens (one per group of `groups_of`), long-tailed responses."""
+    responses = (torch.empty(count).exponential_(1 / 60.0, generator=generator) + 1).long().tolist()
+    if groups_of is None:
+        return grpo.RowLengths(torch.randint(20, 80, (count,), generator=generator).tolist(), responses)
+    prompts = torch.randint(20, 80, (count // groups_of,), generator=generator).repeat_interleave(groups_of).tolist()
+    return grpo.RowLengths(prompts, responses, [i // groups_of for i in range(count)])
+
+
+@pytest.mark.parametrize("groups_of", [None, 8])
+def test_lane_micro_batches_stay_within_the_budget(groups_of):
+    generator = torch.Generator().manual_seed(0)
+    for budget in (1, 50, 300, 2000):
+        rows = _long_tailed(200, generator, groups_of)
+        widest = max(p + r for p, r in zip(rows.prompts, rows.responses))
+        batches = grpo.lane_micro_batches(rows, budget)
+        assert sorted(i for lanes in batches for lane in lanes for i in lane) == list(range(200))  # each row once
+        for lanes in batches:
+            assert sum(map(len, lanes)) == 1 or rows.tokens(lanes) <= budget, (budget, lanes)
+            assert max(rows.lane(lane) for lane in lanes) <= 2 * widest  # no lane over twice the widest row
+        computed = sum(rows.tokens(lanes) for lanes in batches)
+        held = sum(rows.lane(lane) for lanes in batches for lane in lanes)
+        full = [p + r for p, r in zip(rows.prompts, rows.responses)]
+        if budget >= 300:  # room for several lanes: little padding, fewer micro-batches than padded rows
+            assert held >= 0.95 * computed, budget
+            assert len(batches) < len(grpo.token_budget_micro_batches(full, budget)), budget
+        if groups_of and budget >= 300:  # shared prompts: fewer tokens than the rows' own
+            assert computed < 0.9 * sum(full), budget
 
 
 def test_config_rejects_a_non_positive_token_budget():

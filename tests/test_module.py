@@ -18,9 +18,10 @@ from rlvr.data import PromptDataModule, load_examples
 from rlvr import grpo
 from rlvr.engines.hf import HFEngine
 from rlvr.engines.protocol import Generation, SamplingParams
+from rlvr.errors import UserError
 from rlvr.grpo import GRPOConfig
 from rlvr.models import ModelSpec, load_model, tiny_tokenizer
-from rlvr.module import GRPOModule
+from rlvr.module import GRPOModule, row_lengths
 from rlvr.rewards import RewardBatch
 from rlvr.rollout import pack_rollout
 
@@ -57,21 +58,36 @@ def test_pack_rollout_layout():
     assert r.prompt_width == 3
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_logprobs_of_padded_or_packed_rows_match_an_unpadded_forward(tokenizer, pack):
-    policy = make_policy(tokenizer)
-    module = GRPOModule(policy, GRPOConfig(n=2, kl_coef=0.0, pack=pack), batch_size=1)
-    prompts, completions = [[10, 11, 12, 13]], [[20, 21, 22], [30]]
+# Rows 0 and 1 share a 4-token prompt, 2 and 3 a 2-token one: rows of 7, 5, 8 and 3 tokens. Padded, one
+# row a lane (8 wide); one sequence of all four, each with its prompt; lanes, where rows of one prompt
+# side by side share one copy of it (a response sees the prompt and itself): 7, 5, then the 2-token
+# prompt and both responses; both pairs so (8 and 9 wide); rows of different prompts in one lane.
+# The same under eager attention, which adds its 4-D mask to the scores.
+LAYOUTS = [(False, [[0], [1], [2], [3]], "sdpa"), ("sequence", [[0, 1, 2, 3]], "sdpa"),
+           ("lanes", [[0], [1], [2, 3]], "sdpa"), ("lanes", [[0, 1], [2, 3]], "sdpa"),
+           ("lanes", [[1, 2], [0], [3]], "sdpa"), ("lanes", [[3, 2, 1, 0]], "sdpa"), ("lanes", [[0, 1], [2, 3]], "eager")]
+
+
+@pytest.mark.parametrize(("pack", "lanes", "attention"), LAYOUTS, ids=[f"{p}-{l}-{a}" for p, l, a in LAYOUTS])
+def test_logprobs_of_padded_or_packed_rows_match_an_unpadded_forward(tokenizer, pack, lanes, attention):
+    policy = load_model(ModelSpec("tiny", attn_implementation=attention), tokenizer)
+    module = GRPOModule(policy, GRPOConfig(n=2, kl_coef=0.0, pack=pack), batch_size=2)
+    prompts, completions = [[10, 11, 12, 13], [14, 15]], [[20, 21, 22], [30], [40, 41, 42, 43, 44, 45], [50]]
     rollout = pack_rollout(prompts, generated(completions), 2, tokenizer.pad_token_id, [tokenizer.eos_token_id],
-                           rewards_for([0, 0]))
+                           rewards_for([0, 0, 0, 0]))
+    order = [row for lane in lanes for row in lane]
     with torch.no_grad():
-        logp, entropy, mask = module._logprobs(module._policy_logprobs, rollout, torch.tensor([0, 1]), entropy=True)
+        logp, entropy, mask = module._logprobs(module._policy_logprobs, rollout, lanes, entropy=True)
         for row, completion in enumerate(completions):
-            ids = torch.tensor([prompts[0] + completion])
-            full = policy(input_ids=ids).logits[0, 3:-1].log_softmax(-1)  # predicts the completion
-            expected = full.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
-            assert torch.allclose(logp[row, : len(completion)], expected, atol=1e-5)
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+            prompt = prompts[row // 2]
+            ids = torch.tensor([prompt + completion])
+            logits = policy(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # predicts the completion
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+            expected_entropy = torch.distributions.Categorical(logits=logits).entropy()
+            assert torch.allclose(logp[order.index(row), : len(completion)], expected, atol=1e-5)
+            assert torch.allclose(entropy[order.index(row), : len(completion)], expected_entropy, atol=1e-5)
+    assert mask.sum(dim=1).tolist() == [len(completions[row]) for row in order]
+    assert (logp[mask == 0] == 0).all()  # past a response: nothing computed
 
 
 def _one_step_grad(tokenizer, micro_batch_size, loss_agg):
@@ -86,8 +102,8 @@ def _one_step_grad(tokenizer, micro_batch_size, loss_agg):
     advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
     num_tokens = float(rollout.response_mask.sum())
     for start in range(0, 4, micro_batch_size):
-        rows = torch.arange(start, min(start + micro_batch_size, 4))
-        module._micro_step(rollout, rows, advantages, None, None, num_tokens, 4.0, num_tokens)
+        lanes = [[row] for row in range(start, min(start + micro_batch_size, 4))]  # padded rows
+        module._micro_step(rollout, lanes, advantages, None, None, num_tokens, 4.0, num_tokens)
     return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
 
 
@@ -139,30 +155,87 @@ def uneven_rollout(tokenizer):
                         rewards_for([1, 0, 0, 1, 0, 0, 1, 1]))
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.fixture
+def long_tail_rollout(tokenizer):
+    """2 prompts (3 and 6 tokens) x 4 samples: rows of 23, 5, 6, 8 and 10, 15, 8, 9 tokens, one long."""
+    prompts = [[10, 11, 12], [13, 14, 15, 16, 17, 18]]
+    lengths = [20, 2, 3, 5, 4, 9, 2, 3]
+    completions = [[20 + (row + t) % 50 for t in range(n)] for row, n in enumerate(lengths)]
+    return pack_rollout(prompts, generated(completions), 4, tokenizer.pad_token_id, [tokenizer.eos_token_id],
+                        rewards_for([1, 0, 0, 1, 0, 0, 1, 1]))
+
+
+LOSS_AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_token_budget_micro_batches_give_the_fixed_row_loss_and_gradient(tokenizer, uneven_rollout, loss_agg):
-    """The same rollout cut into 4 rows per micro-batch, or by a budget of 24 tokens (rows sorted by
-    length, groups mixed), or 4 rows packed into one sequence (grpo.pack=true: sdpa under a
-    block-diagonal mask, rows of 8 to 15 tokens with no padding): the same loss and gradient, to
-    float rounding (fp32)."""
-    _, fixed, fixed_grad = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, loss_agg=loss_agg)
-    module, budget, budget_grad = _one_update(tokenizer, uneven_rollout, micro_batch_tokens=24, loss_agg=loss_agg)
-    packed_module, packed, packed_grad = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, loss_agg=loss_agg,
-                                                     pack=True)
-    assert packed_module._pack and not module._pack  # grpo.pack=auto on sdpa: padded
+    """The same rollout cut into 4 padded rows per micro-batch; by a budget of 24 tokens, padded rows
+    sorted by length (groups mixed); 4 rows as one sequence (grpo.pack=sequence: sdpa under a
+    block-diagonal mask, rows of 8 to 15 tokens with no padding); 4 rows in lanes: the same loss and
+    gradient, to float rounding (fp32)."""
+    _, fixed, fixed_grad = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, loss_agg=loss_agg, pack=False)
+    module, budget, budget_grad = _one_update(tokenizer, uneven_rollout, micro_batch_tokens=24, loss_agg=loss_agg,
+                                              pack=False)
+    _, packed, packed_grad = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, loss_agg=loss_agg,
+                                         pack="sequence")
+    _, lanes, lanes_grad = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, loss_agg=loss_agg, pack="lanes")
     micro = module._micro_batches(uneven_rollout, torch.arange(8))
-    assert [r.tolist() for r in micro] == [[1], [5], [0, 4], [3, 7], [2, 6]]  # 15, 15, 2 x 12, 2 x 9, 2 x 8 tokens
+    assert micro == [[[1]], [[5]], [[0], [4]], [[3], [7]], [[2], [6]]]  # 15, 15, 2 x 12, 2 x 9, 2 x 8 tokens
     lengths = uneven_rollout.attention_mask.sum(dim=1).tolist()
-    assert all(len(r) == 1 or grpo.padded_tokens(lengths, r.tolist()) <= 24 for r in micro)
+    assert all(len(lanes) == 1 or grpo.padded_tokens(lengths, [r for [r] in lanes]) <= 24 for lanes in micro)
     assert fixed_grad.norm() > 0
     for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/kl", "train/entropy"):
-        assert budget[key] == pytest.approx(fixed[key], rel=1e-5), key
-        assert packed[key] == pytest.approx(fixed[key], rel=1e-5), key
-    assert torch.allclose(budget_grad, fixed_grad, rtol=1e-5, atol=1e-7)
-    assert torch.allclose(packed_grad, fixed_grad, rtol=1e-5, atol=1e-7)
+        for other in (budget, packed, lanes):
+            assert other[key] == pytest.approx(fixed[key], rel=1e-5), key
+    for grad in (budget_grad, packed_grad, lanes_grad):
+        assert torch.allclose(grad, fixed_grad, rtol=1e-5, atol=1e-7)
     assert budget["train/padding_frac"] < fixed["train/padding_frac"]
     assert packed["train/padding_frac"] == 0.0 < fixed["train/padding_frac"]  # the same rows as fixed, unpadded
     assert budget["train/update_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_token_budget_lanes_give_the_fixed_row_loss_and_gradient(tokenizer, long_tail_rollout, loss_agg):
+    """grpo.pack=auto on sdpa lays a token budget's micro-batches out in lanes, and rows of one prompt
+    side by side share it. Budget 46 (rlvr.grpo.lane_micro_batches' hand test): the 3-token prompt once,
+    then its four responses (33 tokens); then the 6-token prompt and its four (24). 57 tokens for the
+    rows' own 84, where padded rows sorted by length take six micro-batches. The loss and gradient are
+    those of fixed rows."""
+    _, fixed, fixed_grad = _one_update(tokenizer, long_tail_rollout, micro_batch_size=4, loss_agg=loss_agg, pack=False)
+    module, lanes, lanes_grad = _one_update(tokenizer, long_tail_rollout, micro_batch_tokens=46, loss_agg=loss_agg)
+    padded_module, padded, _ = _one_update(tokenizer, long_tail_rollout, micro_batch_tokens=46, loss_agg=loss_agg,
+                                           pack=False)
+    assert module._layout == "lanes"
+    assert module._micro_batches(long_tail_rollout, torch.arange(8)) == [[[0, 3, 2, 1]], [[5, 4, 7, 6]]]
+    assert len(padded_module._micro_batches(long_tail_rollout, torch.arange(8))) == 6
+    assert fixed_grad.norm() > 0
+    for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/kl", "train/entropy"):
+        assert lanes[key] == pytest.approx(fixed[key], rel=1e-5), key
+    assert torch.allclose(lanes_grad, fixed_grad, rtol=1e-5, atol=1e-7)
+    assert lanes["train/padding_frac"] == 0.0 < padded["train/padding_frac"] == pytest.approx(1 / 85)  # 10 + 9 padded
+    lengths = row_lengths(long_tail_rollout, torch.arange(8), shared=True)
+    assert sum(lengths.tokens(lanes) for lanes in module._micro_batches(long_tail_rollout, torch.arange(8))) == 57
+
+
+@pytest.mark.parametrize("pack", ["auto", "sequence"])
+def test_packing_is_checked_at_fit_start_and_a_model_that_mixes_packed_rows_runs_padded(tokenizer, monkeypatch, pack):
+    module = GRPOModule(make_policy(tokenizer), GRPOConfig(n=2, kl_coef=0.0, pack=pack), batch_size=1)
+    module._trainer = OneProcess()
+    module.on_fit_start()
+    assert module._layout == ("lanes" if pack == "auto" else "sequence")  # the tiny model keeps packed rows apart
+    # A model whose attention ignores the mask it is given, and positions: plain causal attention
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", lambda module, q, k, v, attention_mask, **kw:
+                        sdpa(module, q, k, v, None, **{**kw, "is_causal": True}))
+    if pack == "auto":
+        module.on_fit_start()
+        assert module._layout == "rows"
+    else:
+        with pytest.raises(UserError, match="grpo.pack=sequence: this model lets a row packed beside another attend"):
+            module.on_fit_start()
 
 
 SKIP_CASES = [dict(loss_agg="token-mean"), dict(loss_agg="seq-mean-token-mean"), dict(loss_agg="seq-mean-token-sum-norm"),
@@ -180,8 +253,8 @@ def test_tied_rows_are_skipped_without_changing_the_loss_or_gradient(tokenizer, 
     config = {"kl_coef": 0.0, "entropy_coef": 0.0, "micro_batch_size": 2, **config}
     ran = []
     original = GRPOModule._logprobs
-    monkeypatch.setattr(GRPOModule, "_logprobs", lambda self, model, r, rows, entropy: ran.append(rows.tolist())
-                        or original(self, model, r, rows, entropy))
+    monkeypatch.setattr(GRPOModule, "_logprobs", lambda self, model, r, lanes, entropy: ran.append(sum(lanes, []))
+                        or original(self, model, r, lanes, entropy))
     _, skipped, skipped_grad = _one_update(tokenizer, rollout, **config)
     assert {r for rows in ran for r in rows} == ({0, 2, 3} if config.get("mask_truncated") else {0, 1, 2, 3})
     ran.clear()
@@ -214,14 +287,14 @@ def test_a_step_whose_groups_all_tie_runs_no_forward(tokenizer, uneven_rollout, 
     assert math.isnan(logged["train/entropy"]) and math.isnan(logged["train/padding_frac"])
 
 
-@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("pack", [False, "lanes", "sequence"])
 def test_an_empty_micro_batch_adds_nothing(tokenizer, uneven_rollout, pack):
     """What a rank with fewer micro-batches runs to match the others' collectives: a forward and a
     backward whose loss and gradient are zero."""
     module, _, _ = _one_update(tokenizer, uneven_rollout, micro_batch_size=4, pack=pack)
     module.policy.zero_grad(set_to_none=False)
     advantages = torch.ones(8)
-    stats = module._micro_step(uneven_rollout, torch.zeros(0, dtype=torch.long), advantages, None, None, 10.0, 8.0, 10.0)
+    stats = module._micro_step(uneven_rollout, [], advantages, None, None, 10.0, 8.0, 10.0)
     assert stats["loss"] == 0.0 and stats["entropy"] == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in module.policy.parameters())
 
@@ -531,7 +604,7 @@ def _grad(policy, config, rollout, advantages, num_tokens, num_seqs):
     module = GRPOModule(policy, config, batch_size=2)
     module.manual_backward = lambda loss: loss.backward()
     policy.zero_grad()
-    module._micro_step(rollout, torch.arange(rollout.input_ids.shape[0]), advantages, None, None, num_tokens, num_seqs,
+    module._micro_step(rollout, [list(range(rollout.input_ids.shape[0]))], advantages, None, None, num_tokens, num_seqs,
                        num_tokens)
     return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
 
