@@ -33,7 +33,12 @@ token budget (`grpo.micro_batch_tokens`, which the GPU profiles set) as many suc
 packer (`rlvr.grpo.token_budget_micro_batches`) puts in one micro-batch: budget // width, at least
 one; with `grpo.micro_batch_tokens=null`, `grpo.micro_batch_size` rows. The width comes from the
 first batch (GSM8K: 260 + 1,024 = 1,284, so 4 rows of gpu=l4's 5,300); a batch holding GSM8K's
-longest prompt (301) makes 4 x 1,325 = 5,300 tokens, 3% more than modelled.
+longest prompt (301) makes 4 x 1,325 = 5,300 tokens, 3% more than modelled. The update runs them as
+padded rows (`grpo.pack=false`): the rows here all share one prompt, which the profiles' lanes
+(grpo.pack=auto on sdpa) would compute once per lane, fewer tokens than a micro-batch of rows with
+different prompts, whose lanes hold one row each, as many tokens as padded rows. A lane may be up to
+twice the longest row wide, so its (lanes, 1, W, W) boolean mask takes up to twice the padded
+layout's: budget x 2 x width bytes, 14 MB on gpu=l4, not modelled.
 
 Adapter rows (`adapter=lora|qlora`, rlvr.adapters): the frozen base in the precision's dtype (bf16 on
 l4), PEFT's float32 adapter (rank 16 on every attention and MLP linear), the optimizer over the
@@ -136,8 +141,9 @@ ADAPTER_LINE = ("l4", "qwen2.5-math-7b", "qlora")  # its peak_gib line comes bef
 
 def config(profile: str, model: str, new_tokens: int | None, extra: list[str], adapter: str = "none") -> DictConfig:
     model_args = [f"model.name={HUB_ONLY[model]}"] if model in HUB_ONLY else [f"model={model}"]
+    # grpo.pack=false: the worst micro-batch as padded rows (see the docstring: lanes compute no more tokens)
     overrides = [f"gpu={profile}", *model_args, f"adapter={adapter}", f"data.source={SHARED / 'data/gsm8k/train.jsonl'}",
-                 *extra]
+                 "grpo.pack=false", *extra]
     overrides += [f"rollout.max_new_tokens={new_tokens}"] if new_tokens else []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)

@@ -1,4 +1,4 @@
-"""Update time with fixed-row, token-budget and packed token-budget micro-batches, side by side on the same rollout.
+"""Update time with fixed-row and token-budget micro-batches in each layout, side by side on the same rollout.
 
     nice -n 10 python benchmarks/update_batching.py --model smollm2-135m --scale 8 --threads 1
     nice -n 10 python benchmarks/update_batching.py --model tiny --threads 1
@@ -11,24 +11,29 @@ tokenized with the Qwen2.5 tokenizer in ../shared. Every length is then divided 
 by one factor keeps each method's padding fraction (up to the rounding) and shrinks the matmuls.
 Token ids are random (the content does not change the cost).
 
-Fixed rows: 4 per micro-batch, as gpu=l4. Token budget: 4 x (the longest prompt + the longest
-response), so that the widest micro-batch is the fixed-row worst case. Token budget packed: the
-same micro-batches with grpo.pack=true, each one sequence with no padding. On CPU the model's
-attention is sdpa, which runs a packed micro-batch under a dense (T x T) block-diagonal mask over
-its T tokens: packing pays more attention than the padding it saves, which is why grpo.pack=auto
-packs only under flash or flex attention (a GPU's path; not measured here). Each round runs one update
+Fixed rows: 4 consecutive rows per micro-batch, padded (grpo.pack=false), as gpu=l4 ran before token
+budgets. Token budget: 4 x (the longest prompt + the longest response), so that the widest micro-batch
+is the fixed-row worst case, in three layouts (rlvr.module.layout): `rows`, padded rows sorted by length
+(grpo.pack=false); `lanes`, rows back to back in lanes no wider than the longest row, the samples of a
+prompt side by side sharing one copy of it (rlvr.grpo.lane_micro_batches; what grpo.pack=auto runs on
+sdpa, so on CPU); `sequence`, each micro-batch one sequence, every row with its own prompt
+(grpo.pack=sequence; what auto runs under flash or flex attention, a GPU's path, here on sdpa under a
+dense (T x T) block-diagonal mask over its T tokens). Each round runs one update
 (`GRPOModule.training_step`, no KL term, one update per step: the gradient passes only) with each
 method, in alternating order, on the same weights (SGD with lr 0; AdamW's step would add the same
 time to both). The update's time is the CPU time of the process (`time.process_time`), not the wall
 clock: on a machine shared with other jobs the wall clock measures the share of the cores this job
 got (both are printed per round). A method's time is its best round (the mean is printed beside
-it). It prints each method's micro-batch count, padding fraction, update CPU seconds,
-and its FLOP rate as a fraction of this machine's measured fp32 matmul rate (both per CPU second
-per thread): 6 x the matmul
-parameters (the linear layers and the LM head) per token, forward and backward; attention's own
-matmuls (a few percent at these lengths) are left out. "useful" counts the rows' tokens,
-"computed" the padding too. The last two lines are the packed/padded token-budget ratio and
-`token-budget/fixed-row update time ratio: X.XX`.
+it).
+
+It prints each method's micro-batch count, the tokens its forwards computed (padding included; a
+shared prompt once), its padding fraction, update CPU seconds, its time as a ratio of the fixed rows',
+and its FLOP rate as a fraction of this machine's measured fp32 matmul rate (both per CPU second per
+thread): 6 x the decoder's matmul parameters per computed token plus 6 x the LM head's per response
+token (it runs on those only), forward and backward; attention's own matmuls and the LM head's
+recomputation in the backward (its chunks are checkpointed) are left out. The last line is
+`token-budget/fixed-row update time ratio: X.XX`, for the layout that grpo.pack=auto takes with this
+model (lanes on CPU).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from rlvr.data import build_prompt  # noqa: E402
 from rlvr.engines.protocol import Generation  # noqa: E402
 from rlvr.grpo import GRPOConfig  # noqa: E402
 from rlvr.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from rlvr.module import GRPOModule  # noqa: E402
+from rlvr.module import GRPOModule, layout, row_lengths  # noqa: E402
 from rlvr.rewards import RewardBatch  # noqa: E402
 from rlvr.rollout import Rollout, pack_rollout  # noqa: E402
 
@@ -142,13 +147,17 @@ def main() -> None:
     prompt_lengths, response_lengths = math500_lengths(args.seed, args.scale)
     rollout = make_rollout(prompt_lengths, response_lengths, policy.config.vocab_size, args.seed)
     budget = FIXED_ROWS * (max(prompt_lengths) + max(response_lengths))
-    methods = {f"fixed-row ({FIXED_ROWS})": dict(micro_batch_size=FIXED_ROWS),
-               f"token-budget ({budget})": dict(micro_batch_tokens=budget),
-               "token-budget packed": dict(micro_batch_tokens=budget, pack=True)}
+    fixed_name = f"fixed-row ({FIXED_ROWS})"
+    methods = {fixed_name: dict(micro_batch_size=FIXED_ROWS, pack=False),
+               **{f"budget {budget} {shape}": dict(micro_batch_tokens=budget, pack=False if shape == "rows" else shape)
+                  for shape in ("rows", "lanes", "sequence")}}
+    default = f"budget {budget} {layout('auto', policy)}"  # what grpo.pack=auto runs with this model
     modules = {name: update_module(policy, **micro) for name, micro in methods.items()}
     rows = rollout.input_ids.shape[0]
     useful = int(rollout.attention_mask.sum())
+    responses = int(rollout.response_mask.sum())
     params = sum(m.weight.numel() for m in policy.modules() if isinstance(m, nn.Linear))
+    head = policy.get_output_embeddings().weight.numel()  # runs on the response tokens only
     rate = matmul_rate()
     print(f"model {args.model}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, "
           f"{params / 1e6:.1f}M in matmuls; {torch.get_num_threads()} threads")
@@ -168,19 +177,19 @@ def main() -> None:
                   "wall", flush=True)
 
     # The best round of each: the one least slowed by other jobs on the machine
-    print(f"\n{'method':<22}{'micro-batches':>14}{'padding_frac':>14}{'update CPU s best':>19}{'mean':>8}"
-          f"{'useful/matmul':>15}{'computed/matmul':>17}")
+    print(f"\n{'method':<24}{'micro-batches':>14}{'tokens computed':>16}{'padding_frac':>14}{'update CPU s best':>19}"
+          f"{'mean':>8}{'/fixed-row':>12}{'computed/matmul':>17}")
     best = {name: min(s) for name, s in seconds.items()}
     for name, (module, logged) in modules.items():
         micro = module._micro_batches(rollout, torch.arange(rows))
-        padding = float(logged["train/padding_frac"])
-        computed = useful / (1.0 - padding)
-        flops = lambda tokens: 6 * params * tokens / (best[name] / torch.get_num_threads()) / rate  # noqa: E731
-        print(f"{name:<22}{len(micro):>14}{padding:>14.3f}{best[name]:>19.2f}{statistics.mean(seconds[name]):>8.2f}"
-              f"{flops(useful):>15.3f}{flops(computed):>17.3f}")
-    fixed, tokens, packed = (best[name] for name in methods)
-    print(f"token-budget packed/token-budget update time ratio: {packed / tokens:.2f}")
-    print(f"token-budget/fixed-row update time ratio: {tokens / fixed:.2f}")
+        lengths = row_lengths(rollout, torch.arange(rows), shared=module._layout == "lanes")
+        computed = sum(lengths.tokens(lanes) for lanes in micro)
+        flops = 6 * (params - head) * computed + 6 * head * responses  # the decoder on every token, the head on responses
+        rate_share = flops / (best[name] / torch.get_num_threads()) / rate
+        print(f"{name:<24}{len(micro):>14}{computed:>16}{float(logged['train/padding_frac']):>14.3f}{best[name]:>19.2f}"
+              f"{statistics.mean(seconds[name]):>8.2f}{best[name] / best[fixed_name]:>12.2f}{rate_share:>17.3f}")
+    print(f"grpo.pack=auto with this model: {default}")
+    print(f"token-budget/fixed-row update time ratio: {best[default] / best[fixed_name]:.2f}")
 
 
 if __name__ == "__main__":
