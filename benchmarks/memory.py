@@ -37,8 +37,10 @@ longest prompt (301) makes 4 x 1,325 = 5,300 tokens, 3% more than modelled. The 
 padded rows (`grpo.pack=false`): the rows here all share one prompt, which the profiles' lanes
 (grpo.pack=auto on sdpa) would compute once per lane, fewer tokens than a micro-batch of rows with
 different prompts, whose lanes hold one row each, as many tokens as padded rows. A lane may be up to
-twice the longest row wide, so its (lanes, 1, W, W) boolean mask takes up to twice the padded
-layout's: budget x 2 x width bytes, 14 MB on gpu=l4, not modelled.
+twice the longest row wide, so its (lanes, 1, W, W) boolean mask takes up to budget x 2 x width
+bytes (14 MB on gpu=l4), and sdpa on CUDA turns it into a mask of the compute dtype in each layer,
+kept for the backward: under gradient checkpointing (every GPU profile) one layer's at a time, 2 x
+that (28 MB on gpu=l4, 112 MB on gpu=h100). Neither is modelled.
 
 Adapter rows (`adapter=lora|qlora`, rlvr.adapters): the frozen base in the precision's dtype (bf16 on
 l4), PEFT's float32 adapter (rank 16 on every attention and MLP linear), the optimizer over the

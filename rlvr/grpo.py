@@ -384,7 +384,7 @@ def lane_micro_batches(rows: RowLengths, budget: int, max_padding: float = 0.05)
     widest = 2 * full[pool[0]] if pool else 0
     batches: list[list[list[int]]] = []
     while pool:
-        longest = full[pool[0]]
+        longest = max(1, full[pool[0]])
         if longest > budget:  # alone
             batches.append([[pool.pop(0)]])
             continue

@@ -102,26 +102,40 @@ def layout(pack: bool | str, policy: nn.Module) -> str:
     - `sequence` (true): every row in one lane, for flash attention (varlen kernels over cu_seqlens;
       transformers calls every flavour "flash...") and flex attention (a block-sparse mask), which
       compute each packed row at its own length;
-    - `lanes`: a few lanes no wider than the longest row (rlvr.grpo.lane_micro_batches), each a row's
-      prompt then the responses of its group that share it, under a 4-D mask of rlvr's own (a response
-      sees its prompt and itself): for sdpa and eager, whose masks are dense anyway, so that one
-      sequence of T tokens would pay T^2 attention scores; lanes of width W pay what padded rows of W
-      do, without their padding, and a prompt is computed once for several samples.
-    `auto`: sequence under flash or flex attention, lanes under sdpa and eager, rows under any other."""
-    implementation = getattr(policy.config, "_attn_implementation", None) or "eager"
+    - `lanes`: a few lanes at most twice as wide as the longest row (rlvr.grpo.lane_micro_batches),
+      each a row's prompt then the responses of its group that share it, under a 4-D mask of rlvr's own
+      (a response sees its prompt and itself): for sdpa and eager, whose masks are dense anyway, so
+      that one sequence of T tokens would pay T^2 attention scores; lanes of width W pay what padded
+      rows of W do, without their padding, and a prompt is computed once for several samples.
+    `auto`: sequence under flash or flex attention, lanes under sdpa and eager, rows under any other
+    and for a model with sliding-window layers (rlvr's mask would replace their window)."""
+    implementation = attention_implementation(policy)
     if pack is False or pack is True:
         return "sequence" if pack else "rows"
-    if pack == "lanes" and implementation not in MASKED_ATTENTION:
-        raise UserError(f"grpo.pack=lanes needs sdpa or eager attention (a 4-D mask), not {implementation}; "
-                        "set grpo.pack=auto or model.attn_implementation=sdpa")
+    lanes_fit = implementation in MASKED_ATTENTION and not _windowed(policy.config)
+    if pack == "lanes" and not lanes_fit:
+        raise UserError(f"grpo.pack=lanes needs sdpa or eager attention (a 4-D mask) and no sliding-window layers "
+                        f"(this model: {implementation}); set grpo.pack=auto")
     if pack != "auto":
         return pack
     if "flash" in implementation or implementation == "flex_attention":
         return "sequence"
-    return "lanes" if implementation in MASKED_ATTENTION else "rows"
+    return "lanes" if lanes_fit else "rows"
 
 
 MASKED_ATTENTION = ("sdpa", "eager")  # the attention implementations that take a 4-D mask as it is
+
+
+def attention_implementation(policy: nn.Module) -> str:
+    """The policy's attention implementation, as transformers reads it (eager when unset)."""
+    return getattr(policy.config, "_attn_implementation", None) or "eager"
+
+
+def _windowed(config) -> bool:
+    """Whether some layers attend over a sliding window: transformers passes a 4-D mask to every layer
+    as it is, so lanes would give those layers full attention."""
+    return getattr(config, "sliding_window", None) is not None or "sliding_attention" in (
+        getattr(config, "layer_types", None) or [])
 
 
 class _Frozen:
@@ -175,7 +189,7 @@ def lay_out(rollout: Rollout, lanes: Lanes, shared: bool):
     restarting at 0 mark where rows begin, which transformers reads as packed sequences: a
     block-diagonal causal mask, or flash attention's cu_seqlens); `shared`, a (lanes, 1, W, W) boolean
     mask where a token sees the earlier tokens of its prompt and of its own response, and a lane's
-    padding only itself. The first response token of every row of a shared prompt is predicted by the
+    padding the earlier padding of its lane (so that no row of the mask is empty). The first response token of every row of a shared prompt is predicted by the
     prompt's last hidden state."""
     device = rollout.input_ids.device
     rows = _rows(lanes, device)
@@ -280,7 +294,7 @@ class GRPOModule(L.LightningModule):
         self.batch_size = batch_size
         self.updates_per_step = config.updates_per_step(batch_size, world)
         self._layout = layout(config.pack, policy)
-        self._eager = getattr(policy.config, "_attn_implementation", None) == "eager"
+        self._eager = attention_implementation(policy) == "eager"
         self.adapted = adapters.is_adapted(policy)
         self.strict_loading = not self.adapted  # its checkpoints hold the adapter only (on_load_checkpoint checks them)
         self._reference = None
@@ -319,7 +333,9 @@ class GRPOModule(L.LightningModule):
         if self._reference is not None and self._reference.model is not None \
                 and not distributed.is_sharded(self._reference.logprobs):
             self._reference.model.to(self.device)
-        if self._layout != "rows" and not self._keeps_packed_rows_apart():
+        # every rank decides the same way (under FSDP2 a rank's layout changes its collectives' count)
+        if self._layout != "rows" and not self.trainer.strategy.reduce_boolean_decision(
+                self._keeps_packed_rows_apart(), all=True):
             if self.config.pack != "auto":
                 raise UserError(f"grpo.pack={self.config.pack}: this model lets a row packed beside another attend to "
                                 "it (it does not keep packed rows apart); set grpo.pack=false")
@@ -344,9 +360,12 @@ class GRPOModule(L.LightningModule):
 
         training = self.policy.training
         self.policy.eval()  # no dropout
-        with torch.no_grad():
-            base, first, prompt = logprobs([3, 4, 5], [3, 4]), logprobs([3, 4, 5], [11, 12]), logprobs([13, 14, 15], [11, 12])
-        self.policy.train(training)
+        try:
+            with torch.no_grad():
+                base, first, prompt = (logprobs([3, 4, 5], [3, 4]), logprobs([3, 4, 5], [11, 12]),
+                                       logprobs([13, 14, 15], [11, 12]))
+        finally:
+            self.policy.train(training)
         same = lambda x, y: bool(torch.allclose(x, y, rtol=0.0, atol=1e-5))  # noqa: E731
         return same(base[1:], first[1:]) and same(first[2], prompt[2])
 
@@ -411,7 +430,9 @@ class GRPOModule(L.LightningModule):
         if self._layout == "sequence":
             return [batch]
         width = max(lengths.prompts[i] + lengths.responses[i] for i in batch)
-        return grpo.pack_lanes(lengths, batch, width, len(batch))[0]
+        lanes, rest = grpo.pack_lanes(lengths, batch, width, len(batch))
+        assert not rest, "as many lanes as rows hold them all"
+        return lanes
 
     def _even_out(self, minis: list[list[Lanes]]) -> list[list[Lanes]]:
         """Pad each mini-batch with empty micro-batches up to the most any rank has: under FSDP2 every

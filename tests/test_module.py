@@ -21,7 +21,7 @@ from rlvr.engines.protocol import Generation, SamplingParams
 from rlvr.errors import UserError
 from rlvr.grpo import GRPOConfig
 from rlvr.models import ModelSpec, load_model, tiny_tokenizer
-from rlvr.module import GRPOModule, row_lengths
+from rlvr.module import GRPOModule, layout, row_lengths
 from rlvr.rewards import RewardBatch
 from rlvr.rollout import pack_rollout
 
@@ -236,6 +236,16 @@ def test_packing_is_checked_at_fit_start_and_a_model_that_mixes_packed_rows_runs
     else:
         with pytest.raises(UserError, match="grpo.pack=sequence: this model lets a row packed beside another attend"):
             module.on_fit_start()
+
+
+def test_a_sliding_window_model_runs_padded_rows_not_lanes(tokenizer):
+    """rlvr's 4-D mask would replace a sliding window's: auto lays such a model out as padded rows."""
+    policy = make_policy(tokenizer)
+    assert layout("auto", policy) == "lanes"
+    policy.config.sliding_window = 16
+    assert layout("auto", policy) == "rows" and layout("sequence", policy) == "sequence"
+    with pytest.raises(UserError, match="grpo.pack=lanes needs sdpa or eager attention .* and no sliding-window"):
+        layout("lanes", policy)
 
 
 SKIP_CASES = [dict(loss_agg="token-mean"), dict(loss_agg="seq-mean-token-mean"), dict(loss_agg="seq-mean-token-sum-norm"),
