@@ -189,8 +189,8 @@ def lay_out(rollout: Rollout, lanes: Lanes, shared: bool):
     restarting at 0 mark where rows begin, which transformers reads as packed sequences: a
     block-diagonal causal mask, or flash attention's cu_seqlens); `shared`, a (lanes, 1, W, W) boolean
     mask where a token sees the earlier tokens of its prompt and of its own response, and a lane's
-    padding the earlier padding of its lane (so that no row of the mask is empty). The first response token of every row of a shared prompt is predicted by the
-    prompt's last hidden state."""
+    padding the earlier padding of its lane (so that no row of the mask is empty). The first response
+    token of every row of a shared prompt is predicted by the prompt's last hidden state."""
     device = rollout.input_ids.device
     rows = _rows(lanes, device)
     p = rollout.prompt_width
@@ -247,8 +247,7 @@ def lay_out(rollout: Rollout, lanes: Lanes, shared: bool):
     if not shared:
         return ids, None, positions, predicts, targets, mask
     # Shared prompts: a token sees its segment's prompt and its own row's response, causally
-    seg = torch.full((count * width,), -1, dtype=torch.long, device=device)  # padding: -1 - lane, its own
-    seg.view(count, width)[:] = -1 - torch.arange(count, device=device)[:, None]
+    seg = (-1 - torch.arange(count, device=device)).repeat_interleave(width)  # padding: -1 - lane, its own
     own = torch.full((count * width,), -1, dtype=torch.long, device=device)  # -1: a prompt (or padding) token
     segment_of = torch.tensor(segment, device=device)
     seg[prompt_dest] = segment_of[:, None].expand(len(rows), p)[in_prompt]
@@ -294,7 +293,6 @@ class GRPOModule(L.LightningModule):
         self.batch_size = batch_size
         self.updates_per_step = config.updates_per_step(batch_size, world)
         self._layout = layout(config.pack, policy)
-        self._eager = attention_implementation(policy) == "eager"
         self.adapted = adapters.is_adapted(policy)
         self.strict_loading = not self.adapted  # its checkpoints hold the adapter only (on_load_checkpoint checks them)
         self._reference = None
@@ -377,7 +375,7 @@ class GRPOModule(L.LightningModule):
         slots past a row's response hold 0 (its mask is 0 there)."""
         shared = self._layout == "lanes"
         ids, attention, positions, predicts, targets, mask = lay_out(rollout, lanes, shared)
-        if attention is not None and attention.dim() == 4 and self._eager:
+        if attention is not None and attention.dim() == 4 and attention_implementation(self.policy) == "eager":
             attention = torch.zeros(attention.shape, dtype=self.policy.dtype, device=attention.device).masked_fill(
                 ~attention, torch.finfo(self.policy.dtype).min)  # eager adds its mask to the scores
         real = mask.bool()
